@@ -1,0 +1,5 @@
+import sys
+
+from diffkiln.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""Command line: argument parsing only; every verb calls a typed function. Heavy imports happen per verb."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from diffkiln.errors import DiffkilnError
+
+DEMO_PROMPT = "a small red circle on the left, blue background"
+
+
+def cmd_presets(args) -> None:
+    from diffkiln.models.presets import PRESETS
+    from diffkiln.models.sizes import preset_sizes
+
+    print(f"{'name':<20} {'family':<12} {'transformer':>12} {'text enc.':>10} {'DC-AE':>8}  description")
+    for name, p in PRESETS.items():
+        s = preset_sizes(p)
+        print(f"{name:<20} {p.family:<12} {s['transformer'] / 1e6:>11.1f}M {s['text_encoder'] / 1e6:>9.1f}M "
+              f"{s['vae'] / 1e6:>7.1f}M  {p.description}")
+
+
+def cmd_export(args) -> None:
+    from diffkiln.export.pipeline import export_pipeline
+    from diffkiln.models.sana import SUBMODELS, load_model
+
+    model = load_model(args.model, args.submodels or SUBMODELS, dtype=args.dtype)
+    export_pipeline(model, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    _print_summary(args.out)
+
+
+def cmd_build(args) -> None:
+    from diffkiln.engines.build import build
+
+    build(args.model, args.out, backend=args.backend, submodels=args.submodels, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    _print_summary(args.out)
+
+
+def cmd_generate(args) -> None:
+    from diffkiln.runtime.image import grid, save_png
+    from diffkiln.runtime.pipeline import Pipeline
+
+    options = {"providers": args.providers} if args.providers else {}
+    pipe = Pipeline.from_engines(args.engines, backend=args.backend, verify=not args.no_verify, **options)
+    out = pipe(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        num_images_per_prompt=args.num_images,
+        progress=True,
+    )
+    save_png(out.images[0] if len(out.images) == 1 else grid(out.images), args.output)
+    t = out.timings
+    print(f"wrote {args.output} (seed {out.seed}; total {t['total'][0]:.2f}s: text encoder {sum(t['text_encoder']):.2f}s, "
+          f"{len(t['transformer'])} transformer calls {sum(t['transformer']):.2f}s, VAE decode {sum(t['vae_decoder']):.2f}s)")
+
+
+def _print_summary(root) -> None:
+    from diffkiln.summary import summary
+
+    print(summary(root))
+
+
+def cmd_inspect(args) -> None:
+    _print_summary(args.engines)
+
+
+def cmd_demo(args) -> None:
+    from diffkiln.benchmarks.demo import run_demo
+
+    run_demo(Path(args.out), prompt=args.prompt, seed=args.seed, repeats=args.repeats, image=Path(args.output))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffkiln", description="Ahead-of-time compiled deployment of diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("presets", help="list built-in model presets and their sizes")
+    sp.set_defaults(fn=cmd_presets)
+
+    def model_args(sp):
+        sp.add_argument("model", help="preset name (see `diffkiln presets`) or a local diffusers folder")
+        sp.add_argument("out", help="output engine directory (written atomically)")
+        sp.add_argument("--submodels", nargs="+", choices=["text_encoder", "transformer", "vae_decoder"],
+                        help="export only these (default: all)")
+        sp.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    sp = sub.add_parser("export", help="export each submodel to ONNX and check it against eager PyTorch")
+    model_args(sp)
+    sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("build", help="build engines from a preset, a diffusers folder or an export directory")
+    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
+    model_args(sp)
+    sp.set_defaults(fn=cmd_build)
+
+    sp = sub.add_parser("generate", help="generate images from an engine directory")
+    sp.add_argument("--engines", required=True, help="engine directory")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--negative-prompt", default="")
+    sp.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    sp.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--height", type=int, default=None)
+    sp.add_argument("--width", type=int, default=None)
+    sp.add_argument("--num-images", type=int, default=1)
+    sp.add_argument("--backend", default="onnxruntime")
+    sp.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers in priority order "
+                    "(default CPUExecutionProvider; e.g. CUDAExecutionProvider CPUExecutionProvider with onnxruntime-gpu)")
+    sp.add_argument("--no-verify", action="store_true", help="skip sha256 checks of engine files")
+    sp.add_argument("-o", "--output", default="out.png")
+    sp.set_defaults(fn=cmd_generate)
+
+    sp = sub.add_parser("inspect", help="summarise an engine directory's manifest")
+    sp.add_argument("engines")
+    sp.set_defaults(fn=cmd_inspect)
+
+    sp = sub.add_parser("demo", help="build tiny-sana into ONNX Runtime engines, generate demo.png, compare with eager")
+    sp.add_argument("--out", default="diffkiln-demo", help="where the demo's engine directory goes")
+    sp.add_argument("--prompt", default=DEMO_PROMPT)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline (after one warm-up)")
+    sp.add_argument("-o", "--output", default="demo.png")
+    sp.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except DiffkilnError as e:
+        print(f"diffkiln: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""ONNX Runtime engine: CPU execution provider, CUDA when onnxruntime-gpu is installed and asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from diffkiln.engines.base import Engine
+from diffkiln.errors import DiffkilnError, require
+from diffkiln.manifest import SubmodelSpec
+
+
+def session(path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    ort = require("onnxruntime", "runtime")
+    available = ort.get_available_providers()
+    providers = providers or ["CPUExecutionProvider"]
+    unavailable = [p for p in providers if p not in available]
+    if unavailable:
+        raise DiffkilnError(f"ONNX Runtime providers {unavailable} are not available here; available: {available}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
+        raise DiffkilnError(f"ONNX Runtime could not load {path}: {type(e).__name__}: {e}") from e
+
+
+class OnnxRuntimeEngine(Engine):
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, spec: SubmodelSpec, providers: list[str] | None = None, threads: int | None = None):
+        super().__init__(spec)
+        self.path = Path(path)
+        self.session = session(path, providers, threads)
+        names = [i.name for i in self.session.get_inputs()]
+        if names != [t.name for t in spec.inputs]:
+            raise DiffkilnError(f"{self.path.name}: graph inputs {names} do not match the manifest's {[t.name for t in spec.inputs]}")
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(None, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        return {t.name: o for t, o in zip(self.spec.outputs, outs)}

@@ -1,0 +1,1 @@
+"""Export: each submodel to ONNX, checked against eager PyTorch in ONNX Runtime."""

@@ -1,0 +1,193 @@
+"""One submodel -> one ONNX file: TorchScript exporter, dynamic axes from the spec, cleanup, external data."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+import time
+from pathlib import Path
+
+from diffkiln.errors import DiffkilnError
+from diffkiln.models.submodels import Submodel
+
+OPSET = 17
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to `<name>.onnx.data` (protobuf caps files at 2 GiB)
+
+
+@contextlib.contextmanager
+def rank_explicit_movedim():
+    """Trace `Tensor.movedim` as a `permute` with non-negative axes.
+
+    DC-AE (diffusers' AutoencoderDC) calls `movedim(-1, 1)` on tensors whose rank the
+    TorchScript exporter has lost; its symbolic then emits Transpose(perm={0, -1, 1, 2}), which
+    ONNX Runtime rejects. In Python the rank is known, so the permutation is written out here.
+    """
+    import torch
+
+    original = torch.Tensor.movedim
+
+    def movedim(self, source, destination):
+        rank = self.dim()
+        src = [s % rank for s in (source if isinstance(source, (tuple, list)) else [source])]
+        dst = [d % rank for d in (destination if isinstance(destination, (tuple, list)) else [destination])]
+        order = [i for i in range(rank) if i not in src]
+        for d, s in sorted(zip(dst, src)):
+            order.insert(d, s)
+        return self.permute(*order)
+
+    torch.Tensor.movedim = movedim
+    try:
+        yield
+    finally:
+        torch.Tensor.movedim = original
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool | None = None) -> dict:
+    """Trace `sub` at its first parity shape and write `path` (+ `path.data` when large).
+
+    Returns facts for the manifest: files written, export seconds, node counts, external data.
+    """
+    import onnx
+    import torch
+
+    spec = sub.spec
+    feeds = sub.sample(sub.shapes[0], 0)
+    dtype = next(sub.module.parameters()).dtype
+    args = tuple(
+        (lambda x: x.to(dtype) if x.is_floating_point() else x)(torch.from_numpy(feeds[t.name])) for t in spec.inputs
+    )
+    dynamic_axes = {
+        t.name: {axis: d for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs + spec.outputs
+    }
+    large = _param_bytes(sub.module) > EXTERNAL_DATA_BYTES
+    # Folding duplicates weights in host memory (and ONNX Runtime / TensorRT fold at load anyway),
+    # so large models skip it: the fp32 Sana-1.6B export then fits a 24 GB machine.
+    fold = (not large) if fold is None else fold
+    path = Path(path)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.export-") as tmp:
+        raw = Path(tmp) / f"{spec.name}.onnx"
+        with torch.inference_mode(), rank_explicit_movedim(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                sub.module,
+                args,
+                str(raw),
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=fold,
+                dynamo=False,
+            )
+        if large:  # stream the exporter's per-tensor files into one data file, one tensor in memory at a time
+            model = onnx.load(str(raw), load_external_data=False)
+            nodes_exported = len(model.graph.node)
+            files = _save_streaming(model, raw.parent, path)
+        else:
+            model = onnx.load(str(raw))
+            nodes_exported = len(model.graph.node)
+            if fold:
+                model = _cleanup(model)
+            files = _save(model, path)
+    return {
+        "files": files,
+        "export_seconds": round(time.perf_counter() - start, 3),
+        "nodes_exported": nodes_exported,
+        "nodes": len(model.graph.node),
+        "constant_folding": fold,
+        "external_data": large,
+        "opset": opset,
+        "bytes": sum((path.parent / f).stat().st_size for f in files),
+    }
+
+
+def _cleanup(model):
+    """Fold constants and drop dead nodes with onnx-graphsurgeon (ONNX Runtime evaluates the folds)."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.fold_constants().cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def _tmp_name(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _save(model, path: Path) -> list[str]:
+    """Write atomically: temp file, then rename."""
+    import onnx
+
+    tmp = _tmp_name(path)
+    try:
+        onnx.save_model(model, str(tmp))
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise DiffkilnError(f"Could not write {path}: {type(e).__name__}: {e}") from e
+    return [path.name]
+
+
+def _all_tensors(graph):
+    """Initializers and Constant/attribute tensors (the exporter externalizes both), subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in [attr.g] if attr.HasField("g") else []:
+                yield from _all_tensors(sub)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+def _save_streaming(model, src_dir: Path, path: Path) -> list[str]:
+    """Copy every initializer's bytes into `<name>.onnx.data` (64-byte aligned) and point the graph at it.
+
+    The data file is renamed into place before the graph that references it, so a crash leaves
+    either nothing or an orphan data file, never a graph with missing data.
+    """
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    data_name = f"{path.name}.data"
+    tmp_data, tmp = _tmp_name(path.parent / data_name), _tmp_name(path)
+    try:
+        with open(tmp_data, "wb") as out:
+            for tensor in _all_tensors(model.graph):
+                if uses_external_data(tensor):
+                    info = ExternalDataInfo(tensor)
+                    with open(src_dir / info.location, "rb") as f:
+                        f.seek(info.offset or 0)
+                        blob = f.read(info.length) if info.length else f.read()
+                elif len(tensor.raw_data) > 1024:
+                    blob = tensor.raw_data
+                else:
+                    continue
+                out.write(b"\0" * (-out.tell() % 64))
+                offset = out.tell()
+                out.write(blob)
+                tensor.ClearField("raw_data")
+                del tensor.external_data[:]
+                for key, value in (("location", data_name), ("offset", offset), ("length", len(blob))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+        onnx.save_model(model, str(tmp))
+        os.replace(tmp_data, path.parent / data_name)
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        tmp_data.unlink(missing_ok=True)
+        raise DiffkilnError(f"Could not write {path}: {type(e).__name__}: {e}") from e
+    return [path.name, data_name]

@@ -1,0 +1,226 @@
+"""The denoising loop over engines: tokenize -> text encoder -> scheduler + CFG -> VAE decoder -> images.
+
+Imports nothing from torch, diffusers or transformers: it runs where only numpy, tokenizers,
+pillow and an engine library are installed. It talks to engines only through `Engine`.
+
+Seeds: initial latents are `numpy.random.Generator(numpy.random.PCG64(seed)).standard_normal(
+(batch, C, H / f, W / f), dtype=float32)`; SANA-Sprint's per-step noise continues from the same
+generator. The same seed therefore gives the same starting noise on every install and backend.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from diffkiln.errors import DiffkilnError
+from diffkiln.runtime.image import to_pil, to_unit_range
+from diffkiln.runtime.schedulers import scheduler_from_config
+from diffkiln.runtime.text import PromptTokenizer
+
+
+@dataclass
+class PipelineOutput:
+    images: list | np.ndarray  # PIL images, [B, H, W, 3] floats in [0, 1], or latents
+    seed: int | None  # None when a caller-supplied generator was used
+    timings: dict[str, list[float]] = field(default_factory=dict)  # stage -> seconds per call
+
+
+def run_batched(engine, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Call `engine`, splitting axis 0 into chunks that fit the engine's batch range; returns its first output."""
+    n = next(iter(feeds.values())).shape[0]
+    step = engine.spec.dims.get("batch", (1, n))[1]
+    out_name = engine.spec.outputs[0].name
+    parts = [engine({k: v[i : i + step] for k, v in feeds.items()})[out_name] for i in range(0, n, step)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class Pipeline:
+    """A text-to-image pipeline over `text_encoder`, `transformer` and `vae_decoder` engines."""
+
+    def __init__(self, engines: dict, settings: dict, scheduler_config: dict, tokenizer_file: str | Path):
+        missing = {"text_encoder", "transformer", "vae_decoder"} - set(engines)
+        if missing:
+            raise DiffkilnError(f"Pipeline needs engines for {sorted(missing)}; got {sorted(engines)}")
+        self.engines = engines
+        self.settings = settings
+        self.scheduler_config = scheduler_config
+        self.tokenizer = PromptTokenizer(
+            tokenizer_file, settings["max_sequence_length"], settings.get("complex_human_instruction")
+        )
+
+    @classmethod
+    def from_engines(cls, root: str | Path, backend: str = "onnxruntime", target: str | None = None,
+                     precision: str | None = None, verify: bool = True, **engine_options) -> "Pipeline":
+        """Load an engine directory: manifest (hashes checked), tokenizer, scheduler and pipeline settings."""
+        from diffkiln.engines import open_engines
+        from diffkiln.manifest import read_manifest
+
+        root = Path(root)
+        manifest = read_manifest(root, verify=verify)
+        entry = manifest.engine(backend, target, precision)
+        engines = open_engines(root, manifest, entry, **engine_options)
+        settings = json.loads((root / "pipeline.json").read_text())
+        scheduler = json.loads((root / "scheduler.json").read_text())
+        return cls(engines, settings, scheduler, root / "tokenizer.json")
+
+    # -- checks -------------------------------------------------------------------------------
+    def check_inputs(self, prompts: list[str], negatives: list[str], height: int, width: int, steps: int, total: int):
+        s = self.settings
+        stride, lo, hi = s["pixel_stride"], s["min_pixels"], s["max_pixels"]
+        for name, v in (("height", height), ("width", width)):
+            if v % stride:
+                raise DiffkilnError(
+                    f"{name}={v} is not a multiple of {stride}, this model's pixel stride; "
+                    f"nearest allowed: {max(lo, v // stride * stride)} or {v // stride * stride + stride}"
+                )
+            if not lo <= v <= hi:
+                raise DiffkilnError(f"{name}={v} is outside the range these engines were built for: [{lo}, {hi}] pixels")
+        if len(negatives) != len(prompts):
+            raise DiffkilnError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt or a single string")
+        if steps < 1:
+            raise DiffkilnError(f"num_inference_steps={steps}; expected >= 1")
+        if total < 1:
+            raise DiffkilnError("no prompt given")
+
+    # -- stages -------------------------------------------------------------------------------
+    def _timed(self, timings: dict, stage: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        timings.setdefault(stage, []).append(time.perf_counter() - start)
+        return out
+
+    def encode_prompt(self, prompts: list[str], with_instruction: bool, timings: dict) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = self.tokenizer.encode(prompts, with_instruction)
+        hidden = self._timed(timings, "text_encoder", run_batched, self.engines["text_encoder"],
+                             {"input_ids": ids, "attention_mask": mask})
+        return self.tokenizer.select(hidden, mask)
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] = "",
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        generator: np.random.Generator | None = None,
+        num_images_per_prompt: int = 1,
+        latents: np.ndarray | None = None,
+        output_type: str = "pil",
+        callback: Callable[[int, float, np.ndarray], None] | None = None,
+        progress: bool = False,
+    ) -> PipelineOutput:
+        """Generate images. `callback(step_index, timestep, latents)` runs after every step.
+
+        `seed` (an int) makes the run reproducible on any install and backend: the initial latents
+        and any per-step noise come from `numpy.random.Generator(numpy.random.PCG64(seed))`. Pass
+        `generator` instead to draw from your own numpy Generator; with neither, a fresh seed is
+        drawn and returned in `PipelineOutput.seed`.
+        """
+        d = self.settings["defaults"]
+        steps = num_inference_steps or d["num_inference_steps"]
+        guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        height, width = height or d["height"], width or d["width"]
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        total = len(prompts) * num_images_per_prompt
+        self.check_inputs(prompts, negatives, height, width, steps, total)
+        if output_type not in ("pil", "np", "latent"):
+            raise DiffkilnError(f"output_type={output_type!r}; expected 'pil', 'np' or 'latent'")
+        if generator is not None and seed is not None:
+            raise DiffkilnError("pass either seed or generator, not both")
+        if generator is None:
+            seed = int(np.random.SeedSequence().entropy % (2**63)) if seed is None else int(seed)
+        rng = generator or np.random.Generator(np.random.PCG64(seed))
+        f = self.settings["vae_scale_factor"]
+        shape = (total, self.settings["latent_channels"], height // f, width // f)
+        if latents is None:
+            latents = rng.standard_normal(shape, dtype=np.float32)
+        elif latents.shape != shape:
+            raise DiffkilnError(f"latents shape {latents.shape}; expected {shape}")
+        timings: dict[str, list[float]] = {}
+        start = time.perf_counter()
+
+        emb, mask = self.encode_prompt(prompts, True, timings)
+        emb, mask = np.repeat(emb, num_images_per_prompt, 0), np.repeat(mask, num_images_per_prompt, 0)
+        loop = self._denoise_scm if self.settings["family"] == "sana-sprint" else self._denoise_flow
+        latents = loop(latents, emb, mask, negatives, num_images_per_prompt, steps, guidance, rng, timings, callback, progress)
+
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self._timed(timings, "vae_decoder", run_batched, self.engines["vae_decoder"],
+                                  {"latents": (latents / self.settings["vae_scaling_factor"]).astype(np.float32)})
+            images = to_unit_range(decoded)
+            if output_type == "pil":
+                images = to_pil(images)
+        timings["total"] = [time.perf_counter() - start]
+        return PipelineOutput(images=images, seed=seed, timings=timings)
+
+    def _transformer(self, timings: dict, **feeds) -> np.ndarray:
+        return self._timed(timings, "transformer", run_batched, self.engines["transformer"], feeds)
+
+    def _steps(self, timesteps, progress: bool):
+        if not progress:
+            return timesteps
+        from diffkiln.progress import progress as bar
+
+        return bar(timesteps, desc="denoising")
+
+    def _denoise_flow(self, latents, emb, mask, negatives, per_prompt, steps, guidance, rng, timings, callback, progress):
+        """SanaPipeline's loop: batched classifier-free guidance (when guidance > 1) over a flow scheduler."""
+        s = self.settings
+        cfg = guidance > 1.0
+        if cfg:
+            neg, neg_mask = self.encode_prompt(negatives, False, timings)
+            emb = np.concatenate([np.repeat(neg, per_prompt, 0), emb])
+            mask = np.concatenate([np.repeat(neg_mask, per_prompt, 0), mask])
+        scheduler = scheduler_from_config(self.scheduler_config)
+        scheduler.set_timesteps(steps)
+        C = s["latent_channels"]
+        for i, t in enumerate(self._steps(scheduler.timesteps, progress)):
+            model_in = np.concatenate([latents, latents]) if cfg else latents
+            timestep = np.full(model_in.shape[0], np.float32(t) * np.float32(s["timestep_scale"]), np.float32)
+            noise = self._transformer(timings, latents=model_in, encoder_hidden_states=emb,
+                                      encoder_attention_mask=mask, timestep=timestep)
+            if cfg:
+                uncond, text = np.split(noise, 2)
+                noise = uncond + np.float32(guidance) * (text - uncond)
+            if s["learned_sigma"]:
+                noise = noise[:, :C]
+            latents = scheduler.step(noise, t, latents).astype(np.float32)
+            if callback:
+                callback(i, float(t), latents)
+        return latents
+
+    def _denoise_scm(self, latents, emb, mask, negatives, per_prompt, steps, guidance, rng, timings, callback, progress):
+        """SanaSprintPipeline's loop: sCM (TrigFlow) steps, guidance as an embedding input, no CFG batch."""
+        s, sigma = self.settings, np.float32(self.scheduler_config.get("sigma_data", 0.5))
+        scheduler = scheduler_from_config(self.scheduler_config)
+        scheduler.set_timesteps(steps)
+        latents = latents * sigma
+        g = np.full(latents.shape[0], np.float32(guidance) * np.float32(s["guidance_embeds_scale"]), np.float32)
+        multistep = len(scheduler.timesteps) > 1
+        denoised = latents
+        for i, t in enumerate(self._steps(scheduler.timesteps[:-1], progress)):
+            t32 = np.float32(t)
+            scm_t = np.full(latents.shape[0], np.sin(t32) / (np.cos(t32) + np.sin(t32)), np.float32)
+            st = scm_t.reshape(-1, 1, 1, 1)
+            norm = np.sqrt(st**2 + (1 - st) ** 2)
+            model_in = (latents / sigma * norm).astype(np.float32)
+            pred = self._transformer(timings, latents=model_in, encoder_hidden_states=emb,
+                                     encoder_attention_mask=mask, timestep=scm_t, guidance=g)
+            pred = ((1 - 2 * st) * model_in + (1 - 2 * st + 2 * st**2) * pred) / norm
+            pred = (pred * sigma).astype(np.float32)
+            noise = rng.standard_normal(latents.shape, dtype=np.float32) if multistep else None
+            latents, denoised = scheduler.step(pred, np.full(latents.shape[0], t32), latents, noise=noise)
+            if callback:
+                callback(i, float(t), latents)
+        return (denoised / sigma).astype(np.float32)

@@ -1,0 +1,397 @@
+"""Numpy-only ports of the diffusers 0.42.1 samplers that Sana uses, reproducing them step for step.
+
+* ``DPMSolverMultistepScheduler`` with flow sigmas (Sana): DPM-Solver++ of order 1-3, midpoint or heun.
+* ``FlowMatchEulerDiscreteScheduler`` with a static ``shift``.
+* ``SCMScheduler`` (SANA-Sprint, TrigFlow): the caller passes the extra noise explicitly.
+
+Each is built from the content of ``scheduler_config.json`` by :func:`scheduler_from_config`. Config values
+these ports do not implement raise ``ValueError`` naming the key, the value and what is supported. Keys that
+have no effect on the supported path (e.g. ``beta_*`` under flow sigmas) are kept in ``config`` and ignored,
+as diffusers ignores them too. Per-element math is float32 as in diffusers (sigma tables are built in
+float64/float32 numpy exactly like diffusers); results are cast back to the model output's dtype.
+This module must import nothing but numpy: it runs in the embeddable runtime.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+F32 = np.float32
+
+
+def _f32(fn: Any, x: Any) -> np.float32:
+    """``fn`` of a float32 scalar, evaluated in float64 and rounded once: closer to torch's float32 kernels
+    (Sleef/libm, at most about an ulp off the exact value) than numpy's own float32 routines."""
+    return F32(fn(np.float64(x)))
+
+
+def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps)`` in float32: torch's CPU formula with its fused multiply-add
+    (``start + step*i`` for the first half, ``end - step*(steps-1-i)`` for the rest), emulated in float64."""
+    start32, end32 = F32(start), F32(end)
+    if steps == 1:
+        return np.array([start32], dtype=np.float32)
+    step = np.float64((end32 - start32) / F32(steps - 1))
+    idx = np.arange(steps)
+    head = np.float64(start32) + step * idx
+    tail = np.float64(end32) - step * (steps - 1 - idx)
+    return np.where(idx < steps // 2, head, tail).astype(np.float32)
+
+
+def _scalar_timestep(timestep: Any) -> np.generic:
+    """A scalar timestep; a batch-expanded array is accepted when all its entries are equal."""
+    arr = np.asarray(timestep)
+    if arr.size == 0:
+        raise ValueError("timestep is empty")
+    flat = arr.reshape(-1)
+    if not np.all(flat == flat[0]):
+        raise ValueError(f"timestep must be one value (or that value repeated over the batch); got {arr!r}")
+    return flat[0]
+
+
+class Scheduler:
+    """Common shape of the samplers: config handling, step-index bookkeeping, validation."""
+
+    order: int = 1
+    _defaults: dict[str, Any] = {}
+    _supported: dict[str, tuple] = {}
+
+    def __init__(self, config: dict) -> None:
+        self.config: dict = {**self._defaults, **config, "_class_name": type(self).__name__}
+        for key, allowed in self._supported.items():
+            if self.config[key] not in allowed:
+                raise ValueError(
+                    f"{type(self).__name__}: config {key}={self.config[key]!r} is not supported; "
+                    f"supported values: {list(allowed)}"
+                )
+        self.timesteps: np.ndarray = np.zeros(0, np.float32)
+        self.sigmas: np.ndarray = np.zeros(0, np.float32)
+        self.num_inference_steps: int | None = None
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next step, ``None`` until the first ``step`` after ``set_timesteps``."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """First step index when set by the pipeline (``set_begin_index``), else ``None``."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start stepping at ``begin_index`` instead of looking the first timestep up in ``timesteps``."""
+        self._begin_index = begin_index
+
+    def _reset(self, num_inference_steps: int) -> None:
+        self.num_inference_steps = num_inference_steps
+        self._step_index = None
+        self._begin_index = None
+
+    def _num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def index_for_timestep(self, timestep: Any) -> int:
+        """diffusers' lookup: the matching index (the second one if the value repeats)."""
+        t = _scalar_timestep(timestep)
+        if np.issubdtype(self.timesteps.dtype, np.integer) and np.issubdtype(np.asarray(t).dtype, np.integer):
+            hits = np.flatnonzero(self.timesteps == t)
+        elif np.issubdtype(self.timesteps.dtype, np.integer):
+            hits = np.flatnonzero(self.timesteps.astype(np.float64) == np.float64(t))
+        else:
+            hits = np.flatnonzero(self.timesteps == self.timesteps.dtype.type(t))
+        if len(hits) == 0:
+            return self._missing_timestep(t)
+        return int(hits[1] if len(hits) > 1 else hits[0])
+
+    def _missing_timestep(self, t: Any) -> int:
+        raise ValueError(f"{type(self).__name__}: timestep {t!r} is not in the schedule {self.timesteps.tolist()}")
+
+    def _begin_step(self, timestep: Any) -> int:
+        """The index for this step (initialised from ``timestep`` on the first call)."""
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps() before step()")
+        if self._step_index is None:
+            self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        if not 0 <= self._step_index < self._num_steps():
+            raise ValueError(
+                f"{type(self).__name__}: step index {self._step_index} is past the schedule of "
+                f"{self._num_steps()} steps; call set_timesteps() again"
+            )
+        return self._step_index
+
+    def set_timesteps(self, num_inference_steps: int, **kwargs: Any) -> None:
+        """Build ``timesteps``/``sigmas`` and reset the stepping state."""
+        raise NotImplementedError
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, **kwargs: Any) -> Any:
+        """Advance one step; returns ``prev_sample`` (SCM: ``(prev_sample, denoised)``)."""
+        raise NotImplementedError
+
+
+class DPMSolverMultistepScheduler(Scheduler):
+    """DPM-Solver++ (multistep, orders 1-3, midpoint/heun) over flow sigmas, as Sana configures it."""
+
+    _defaults = {
+        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "trained_betas": None, "solver_order": 2, "prediction_type": "epsilon", "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
+        "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+        "use_lu_lambdas": False, "use_flow_sigmas": False, "flow_shift": 1.0, "final_sigmas_type": "zero",
+        "lambda_min_clipped": -float("inf"), "variance_type": None, "timestep_spacing": "linspace",
+        "steps_offset": 0, "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
+        "time_shift_type": "exponential",
+    }
+    # Under flow sigmas with final_sigmas_type="zero", timestep_spacing/steps_offset/beta_*/lambda_min_clipped/
+    # variance_type/euler_at_final do not change the result in diffusers either, so any valid value is accepted.
+    _supported = {
+        "use_flow_sigmas": (True,), "prediction_type": ("flow_prediction",), "algorithm_type": ("dpmsolver++",),
+        "solver_order": (1, 2, 3), "solver_type": ("midpoint", "heun"), "final_sigmas_type": ("zero",),
+        "thresholding": (False,), "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,), "use_lu_lambdas": (False,), "use_dynamic_shifting": (False,),
+        "timestep_spacing": ("linspace", "leading", "trailing"),
+    }
+
+    def __init__(self, config: dict) -> None:
+        super().__init__(config)
+        self._outputs: list[np.ndarray | None] = [None] * self.config["solver_order"]
+        self._lower_order_nums = 0
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Flow sigmas ``shift*s/(1+(shift-1)*s)`` on a linear grid, int64 timesteps, and a final sigma of 0."""
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        T, shift = self.config["num_train_timesteps"], self.config["flow_shift"]
+        sigmas = 1.0 - np.linspace(1, 1 / T, num_inference_steps + 1)
+        sigmas = np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
+        self.timesteps = (sigmas * T).astype(np.int64)
+        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        self._outputs = [None] * self.config["solver_order"]
+        self._lower_order_nums = 0
+        self._reset(len(self.timesteps))
+
+    def _missing_timestep(self, t: Any) -> int:
+        return len(self.timesteps) - 1  # diffusers falls back to the last step
+
+    def _alpha_sigma_lambda(self, index: int) -> tuple[np.float32, np.float32, np.float32]:
+        sigma = self.sigmas[index]
+        alpha = F32(1.0) - sigma
+        with np.errstate(divide="ignore"):  # sigma 0 at the end: lambda = +inf, as in torch
+            return alpha, sigma, _f32(np.log, alpha) - _f32(np.log, sigma)
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
+        """One multistep update; returns ``prev_sample`` in ``model_output``'s dtype."""
+        i = self._begin_step(timestep)
+        n, order = len(self.timesteps), self.config["solver_order"]
+        final = i == n - 1  # final_sigmas_type="zero" always ends with a first-order step
+        second = i == n - 2 and self.config["lower_order_final"] and n < 15
+        sample32 = np.asarray(sample, dtype=np.float32)
+        x0 = sample32 - self.sigmas[i] * np.asarray(model_output, dtype=np.float32)  # flow_prediction -> data
+        self._outputs = self._outputs[1:] + [x0]
+        if order == 1 or self._lower_order_nums < 1 or final:
+            prev = self._first_order(x0, sample32, i)
+        elif order == 2 or self._lower_order_nums < 2 or second:
+            prev = self._second_order(sample32, i)
+        else:
+            prev = self._third_order(sample32, i)
+        self._lower_order_nums = min(self._lower_order_nums + 1, order)
+        self._step_index = i + 1
+        return prev.astype(np.asarray(model_output).dtype, copy=False)
+
+    def _first_order(self, m0: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(i + 1)
+        _, sigma_s, lambda_s = self._alpha_sigma_lambda(i)
+        h = lambda_t - lambda_s
+        return (sigma_t / sigma_s) * sample - (alpha_t * (_f32(np.exp, -h) - F32(1.0))) * m0
+
+    def _second_order(self, sample: np.ndarray, i: int) -> np.ndarray:
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(i + 1)
+        _, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(i)
+        _, _, lambda_s1 = self._alpha_sigma_lambda(i - 1)
+        m0, m1 = self._outputs[-1], self._outputs[-2]
+        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+        r0 = h_0 / h
+        d0, d1 = m0, (F32(1.0) / r0) * (m0 - m1)
+        em1 = _f32(np.exp, -h) - F32(1.0)
+        if self.config["solver_type"] == "midpoint":
+            return (sigma_t / sigma_s0) * sample - (alpha_t * em1) * d0 - F32(0.5) * (alpha_t * em1) * d1
+        return (sigma_t / sigma_s0) * sample - (alpha_t * em1) * d0 + (alpha_t * (em1 / h + F32(1.0))) * d1
+
+    def _third_order(self, sample: np.ndarray, i: int) -> np.ndarray:
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(i + 1)
+        _, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(i)
+        _, _, lambda_s1 = self._alpha_sigma_lambda(i - 1)
+        _, _, lambda_s2 = self._alpha_sigma_lambda(i - 2)
+        m0, m1, m2 = self._outputs[-1], self._outputs[-2], self._outputs[-3]
+        h, h_0, h_1 = lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2
+        r0, r1 = h_0 / h, h_1 / h
+        d1_0, d1_1 = (F32(1.0) / r0) * (m0 - m1), (F32(1.0) / r1) * (m1 - m2)
+        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+        d2 = (F32(1.0) / (r0 + r1)) * (d1_0 - d1_1)
+        em1 = _f32(np.exp, -h) - F32(1.0)
+        return (
+            (sigma_t / sigma_s0) * sample
+            - (alpha_t * em1) * m0
+            + (alpha_t * (em1 / h + F32(1.0))) * d1
+            - (alpha_t * ((em1 + h) / h**2 - F32(0.5))) * d2
+        )
+
+
+class FlowMatchEulerDiscreteScheduler(Scheduler):
+    """Euler steps over statically shifted flow-matching sigmas."""
+
+    _defaults = {
+        "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
+        "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096, "invert_sigmas": False,
+        "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+        "use_beta_sigmas": False, "time_shift_type": "exponential", "stochastic_sampling": False,
+    }
+    _supported = {
+        "use_dynamic_shifting": (False,), "invert_sigmas": (False,), "shift_terminal": (None,),
+        "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+        "stochastic_sampling": (False,), "time_shift_type": ("exponential", "linear"),
+    }
+
+    def __init__(self, config: dict) -> None:
+        super().__init__(config)
+        T, shift = self.config["num_train_timesteps"], self.config["shift"]
+        train = np.linspace(1, T, T, dtype=np.float32)[::-1] / F32(T)  # torch float32 math, as at diffusers' init
+        train = F32(shift) * train / (F32(1) + F32(shift - 1) * train)
+        self.sigma_min, self.sigma_max = float(train[-1]), float(train[0])
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        sigmas: list[float] | np.ndarray | None = None,
+        timesteps: list[float] | np.ndarray | None = None,
+    ) -> None:
+        """Default: ``linspace(sigma_max*T, sigma_min*T, n)`` shifted (again, as diffusers does) by ``shift``;
+        or custom ``sigmas`` and/or ``timesteps``."""
+        if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
+            raise ValueError("`sigmas` and `timesteps` should have the same length")
+        if num_inference_steps is None:
+            if sigmas is None and timesteps is None:
+                raise ValueError("pass num_inference_steps, sigmas or timesteps")
+            num_inference_steps = len(sigmas) if sigmas is not None else len(timesteps)
+        elif any(x is not None and len(x) != num_inference_steps for x in (sigmas, timesteps)):
+            raise ValueError("`sigmas` and `timesteps` should have the same length as num_inference_steps")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        T, shift = self.config["num_train_timesteps"], self.config["shift"]
+        given = None if timesteps is None else np.array(timesteps).astype(np.float32)
+        if sigmas is not None:
+            s = np.array(sigmas).astype(np.float32)
+        elif given is not None:
+            s = given / T
+        else:
+            s = np.linspace(self.sigma_max * T, self.sigma_min * T, num_inference_steps) / T
+        s = (shift * s / (1 + (shift - 1) * s)).astype(np.float32)
+        self.timesteps = given if given is not None else s * F32(T)
+        self.sigmas = np.concatenate([s, np.zeros(1, np.float32)])
+        self._reset(len(s))
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
+        """``sample + (sigma_next - sigma) * model_output``; returns ``prev_sample`` in ``model_output``'s dtype."""
+        if isinstance(timestep, (int, np.integer)) or np.issubdtype(np.asarray(timestep).dtype, np.integer):
+            raise ValueError(
+                "FlowMatchEulerDiscreteScheduler.step() takes a value of `scheduler.timesteps`, not an integer index"
+            )
+        i = self._begin_step(timestep)
+        dt = self.sigmas[i + 1] - self.sigmas[i]
+        prev = np.asarray(sample, dtype=np.float32) + dt * np.asarray(model_output, dtype=np.float32)
+        self._step_index = i + 1
+        return prev.astype(np.asarray(model_output).dtype, copy=False)
+
+
+class SCMScheduler(Scheduler):
+    """sCM / TrigFlow consistency sampler (SANA-Sprint); ``step`` takes the multistep noise explicitly.
+
+    ``timesteps`` holds the ``num_inference_steps + 1`` TrigFlow angles (float32) ending at 0; the pipeline
+    evaluates the model at ``timesteps[:-1]``. diffusers' SCMScheduler has no sigma table, so ``sigmas`` is empty.
+    """
+
+    _defaults = {"num_train_timesteps": 1000, "prediction_type": "trigflow", "sigma_data": 0.5}
+    _supported = {"prediction_type": ("trigflow",)}
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        timesteps: list[float] | np.ndarray | None = None,
+        max_timesteps: float | None = 1.57080,
+        intermediate_timesteps: float | None = 1.3,
+    ) -> None:
+        """Angles ``linspace(max_timesteps, 0, n + 1)``, ``[max, intermediate, 0]`` for n=2, or custom ``timesteps``.
+
+        As in diffusers, ``intermediate_timesteps`` must be ``None`` unless ``num_inference_steps == 2`` and
+        ``max_timesteps`` must be ``None`` when ``timesteps`` is given.
+        """
+        T = self.config["num_train_timesteps"]
+        if num_inference_steps > T:
+            raise ValueError(f"num_inference_steps={num_inference_steps} cannot be larger than num_train_timesteps={T}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if timesteps is not None and len(timesteps) != num_inference_steps + 1:
+            raise ValueError("If providing custom timesteps, `timesteps` must be of length `num_inference_steps + 1`.")
+        if timesteps is not None and max_timesteps is not None:
+            raise ValueError("If providing custom timesteps, `max_timesteps` should not be provided (pass None).")
+        if timesteps is None and max_timesteps is None:
+            raise ValueError("Should provide either `timesteps` or `max_timesteps`.")
+        if intermediate_timesteps is not None and num_inference_steps != 2:
+            raise ValueError(
+                f"intermediate_timesteps={intermediate_timesteps!r} is only supported when num_inference_steps == 2 "
+                f"(got {num_inference_steps}); pass intermediate_timesteps=None"
+            )
+        if timesteps is not None:
+            self.timesteps = np.asarray(timesteps, dtype=np.float64).astype(np.float32)
+        elif intermediate_timesteps is not None:
+            self.timesteps = np.array([max_timesteps, intermediate_timesteps, 0], dtype=np.float32)
+        else:
+            self.timesteps = _torch_linspace_f32(max_timesteps, 0.0, num_inference_steps + 1)
+        self.sigmas = np.zeros(0, np.float32)
+        self._reset(num_inference_steps)
+
+    def _num_steps(self) -> int:
+        return len(self.timesteps) - 1
+
+    def step(
+        self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Returns ``(prev_sample, denoised)``.
+
+        ``noise`` is standard normal with the sample's shape (diffusers' ``randn_tensor``); it is scaled by
+        ``sigma_data`` here. It is required whenever the next angle ``t`` is non-zero; at ``t == 0`` its
+        weight ``sin(0)`` is exactly 0, so it may be omitted (diffusers still draws it from its generator).
+        """
+        i = self._begin_step(timestep)
+        s, t = self.timesteps[i], self.timesteps[i + 1]
+        model_output, sample = np.asarray(model_output), np.asarray(sample)
+        dtype = np.result_type(model_output.dtype, sample.dtype)
+        denoised = _f32(np.cos, s) * sample.astype(np.float32) - _f32(np.sin, s) * model_output.astype(np.float32)
+        if noise is None:
+            if _f32(np.sin, t) != 0:
+                raise ValueError(f"SCMScheduler.step: `noise` is required for a step to the angle t={float(t)!r} != 0")
+            prev = _f32(np.cos, t) * denoised
+        else:
+            noise = np.asarray(noise, dtype=np.float32)
+            if noise.shape != model_output.shape:
+                raise ValueError(f"noise shape {noise.shape} does not match model_output shape {model_output.shape}")
+            prev = _f32(np.cos, t) * denoised + _f32(np.sin, t) * (noise * F32(self.config["sigma_data"]))
+        self._step_index = i + 1
+        return prev.astype(dtype, copy=False), denoised.astype(dtype, copy=False)
+
+
+_SCHEDULERS: dict[str, type[Scheduler]] = {
+    cls.__name__: cls for cls in (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SCMScheduler)
+}
+
+
+def scheduler_from_config(config: dict) -> Scheduler:
+    """Build the sampler named by ``config["_class_name"]`` (a diffusers ``scheduler_config.json`` dict)."""
+    name = config.get("_class_name")
+    if name not in _SCHEDULERS:
+        raise ValueError(f"scheduler config _class_name={name!r} is not supported; supported: {sorted(_SCHEDULERS)}")
+    return _SCHEDULERS[name](config)

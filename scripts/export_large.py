@@ -1,0 +1,65 @@
+"""Export a real-size preset's submodels to ONNX and record time, peak host memory, ONNX size and parity.
+
+    python scripts/export_large.py sana-600m-1024 --submodels transformer
+Results go to benchmarks/results/<date>-cpu/export-<preset>.json (and are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("preset")
+    ap.add_argument("--submodels", nargs="+", default=["transformer"])
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--keep", help="keep the engine directory here instead of deleting it")
+    args = ap.parse_args()
+
+    from diffkiln.export.pipeline import export_pipeline
+    from diffkiln.models.sana import load_model
+
+    t0 = time.perf_counter()
+    model = load_model(args.preset, args.submodels, dtype=args.dtype)
+    build_s = time.perf_counter() - t0
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="diffkiln-large-")) / "engines"
+    t1 = time.perf_counter()
+    manifest = export_pipeline(model, out, overwrite=True)
+    total_s = time.perf_counter() - t1
+    entry = manifest.engine("onnxruntime")
+    result = {
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "date": time.strftime("%Y-%m-%d"),
+        "model_build_seconds": round(build_s, 1),
+        "peak_rss_gib_after_build": round(rss_model, 2),
+        "export_plus_parity_seconds": round(total_s, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "submodels": {
+            name: {**entry.options[name], "onnx_gib": round(entry.options[name]["bytes"] / 2**30, 3), "parity": entry.parity[name]}
+            for name in entry.files
+        },
+        "tool_versions": entry.tool_versions,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    res_dir = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{result['date']}-cpu"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    (res_dir / f"export-{args.preset}-{args.dtype}.json").write_text(text + "\n")
+    if not args.keep:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The CLI end to end: presets, export -> build -> generate -> PNG, inspect; --help stays light."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffkiln.cli import main
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from diffkiln.cli import parser\n"
+            "try:\n    parser().parse_args(['--help'])\nexcept SystemExit: pass\n"
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'onnx', 'onnxruntime') if m in sys.modules]\n"
+            "assert not heavy, heavy\nprint('light')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "light" in out.stdout, out.stderr
+
+
+def test_presets_lists_sizes(capsys):
+    assert run("presets") == 0
+    out = capsys.readouterr().out
+    assert "tiny-sana" in out and "sana-1600m-1024" in out and "1604.5M" in out and "591.7M" in out
+
+
+def test_export_build_generate_inspect(tmp_path, capsys):
+    exp, eng, png = tmp_path / "exp", tmp_path / "eng", tmp_path / "out.png"
+    assert run("export", "tiny-sana", exp) == 0
+    assert run("build", "--backend", "onnxruntime", exp, eng) == 0  # from an export directory
+    assert run("generate", "--engines", eng, "--prompt", "a blue square", "--steps", 3, "--seed", 4,
+               "--height", 64, "--width", 96, "-o", png) == 0
+    img = np.asarray(Image.open(png))
+    assert img.shape == (64, 96, 3) and img.std() > 1
+    assert run("inspect", eng) == 0
+    out = capsys.readouterr().out
+    assert "engines onnxruntime/any/fp32" in out and "transformer: transformer.onnx" in out and "max abs err" in out
+
+
+def test_build_from_preset(tmp_path):
+    assert run("build", "tiny-sana", tmp_path / "eng", "--backend", "onnxruntime") == 0
+    assert (tmp_path / "eng" / "manifest.json").is_file()
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    assert run("generate", "--engines", tmp_path, "--prompt", "x") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffkiln: error: ") and "manifest.json is missing" in err
+    assert run("export", "no-such-preset", tmp_path / "o") == 2
+    assert "Unknown preset 'no-such-preset'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run("build", "--backend", "tensorrt", "tiny-sana", tmp_path / "o")
+
+
+def test_demo(tmp_path, capsys):
+    assert run("demo", "--out", tmp_path / "demo", "--repeats", 1, "-o", tmp_path / "demo.png") == 0
+    out = capsys.readouterr().out
+    for stage in ("text_encoder", "transformer", "vae_decoder", "total", "image"):
+        assert f"| {stage} |" in out
+    assert Image.open(tmp_path / "demo.png").size == (64, 64)
