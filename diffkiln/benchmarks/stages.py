@@ -44,7 +44,8 @@ def markdown_table(rows: list[dict], engine_name: str) -> str:
     head = f"| stage | {engine_name} ms | eager ms | speed-up | max abs err vs eager | cosine |\n|---|---:|---:|---:|---:|---:|\n"
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     return head + "".join(
-        f"| {r['stage']} | {r['engine_ms']:.1f} | {r['eager_ms']:.1f} | {r['speedup']:.2f}x | "
+        f"| {r['stage']} | {fmt(r['engine_ms'], '.1f')} | {fmt(r['eager_ms'], '.1f')} | {fmt(r['speedup'], '.2f')}"
+        f"{'' if r['speedup'] is None else 'x'} | "
         f"{fmt(r['max_abs_err'], '.2e')} | {fmt(r['cosine'], '.6f')} |\n"
         for r in rows
     )

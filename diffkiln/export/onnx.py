@@ -75,6 +75,9 @@ def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool | None
         raw = Path(tmp) / f"{spec.name}.onnx"
         with torch.inference_mode(), rank_explicit_movedim(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # The TorchScript exporter's notes on Slice folding and deprecated paths are not actionable here.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
             torch.onnx.export(
                 sub.module,
                 args,
