@@ -32,12 +32,12 @@ def run_demo(out: Path, prompt: str, seed: int = 0, repeats: int = 3, image: Pat
     entry = manifest.engine("onnxruntime")
     rows = stage_rows(t_engine, t_eager, entry.parity)
     pixel_err = float(np.abs(img_engine - img_eager).max())
-    rows.append({"stage": "image (0..1)", "engine_ms": None, "eager_ms": None, "speedup": None,
+    rows.append({"stage": "image", "engine_ms": None, "eager_ms": None, "speedup": None,
                  "max_abs_err": pixel_err, "cosine": None})
     print(f"\nprompt: {prompt!r}  seed {seed}  steps {len(t_engine['last_output'].timings['transformer'])} "
           f"transformer calls, {img_engine.shape[1]}x{img_engine.shape[2]}")
     print(markdown_table(rows, "onnxruntime"))
     print("transformer: median per denoising call; total: one whole generation. Parity of each stage is the "
-          "engine vs eager on the export's two test shapes; image: the final pictures compared pixel by pixel.")
+          "engine vs eager on the export's two test shapes; image: the final pictures compared pixel by pixel on a 0..1 scale.")
     print(f"wrote {image} and engines in {engines_dir}")
     return rows
