@@ -26,7 +26,7 @@ def cmd_export(args) -> None:
     from diffkiln.export.pipeline import export_pipeline
     from diffkiln.models.sana import SUBMODELS, load_model
 
-    model = load_model(args.model, args.submodels or SUBMODELS, dtype=args.dtype)
+    model = load_model(args.model, args.submodels or SUBMODELS, dtype=args.dtype or "float32")
     export_pipeline(model, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     _print_summary(args.out)
@@ -35,7 +35,21 @@ def cmd_export(args) -> None:
 def cmd_build(args) -> None:
     from diffkiln.engines.build import build
 
-    build(args.model, args.out, backend=args.backend, submodels=args.submodels, dtype=args.dtype, overwrite=args.overwrite)
+    trt = None
+    if args.backend == "tensorrt":
+        from diffkiln.engines.tensorrt_build import TensorRTBuildConfig
+
+        if not args.sku:
+            raise DiffkilnError("--backend tensorrt needs --sku (e.g. --sku sm86,sm89,sm120)")
+        trt = TensorRTBuildConfig(
+            skus=args.sku, precision=args.precision or "fp16", mode="static" if args.static else "dynamic",
+            static_height=args.static_height, static_width=args.static_width, static_batch=args.static_batch,
+            optimization_level=args.opt_level, workspace_gib=args.workspace_gib, jobs=args.jobs,
+            cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    elif args.sku or args.precision:
+        raise DiffkilnError("--sku and --precision apply to --backend tensorrt; for onnxruntime use --dtype")
+    build(args.model, args.out, backend=args.backend, submodels=args.submodels, dtype=args.dtype,
+          overwrite=args.overwrite, tensorrt=trt)
     print(f"wrote {args.out}")
     _print_summary(args.out)
 
@@ -45,7 +59,10 @@ def cmd_generate(args) -> None:
     from diffkiln.runtime.pipeline import Pipeline
 
     options = {"providers": args.providers} if args.providers else {}
-    pipe = Pipeline.from_engines(args.engines, backend=args.backend, verify=not args.no_verify, **options)
+    if args.cuda_graph:
+        options["cuda_graph"] = True
+    pipe = Pipeline.from_engines(args.engines, backend=args.backend, target=args.target, precision=args.precision,
+                                 verify=not args.no_verify, **options)
     out = pipe(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -67,6 +84,13 @@ def _print_summary(root) -> None:
     from diffkiln.summary import summary
 
     print(summary(root))
+
+
+def cmd_verify(args) -> None:
+    from diffkiln.engines.verify import verify_engines
+
+    verify_engines(args.engines, args.backend, target=args.target, precision=args.precision)
+    _print_summary(args.engines)
 
 
 def cmd_inspect(args) -> None:
@@ -91,7 +115,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("out", help="output engine directory (written atomically)")
         sp.add_argument("--submodels", nargs="+", choices=["text_encoder", "transformer", "vae_decoder"],
                         help="export only these (default: all)")
-        sp.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+        sp.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="weights dtype of the export (default float32; TensorRT builds take it from --precision)")
         sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     sp = sub.add_parser("export", help="export each submodel to ONNX and check it against eager PyTorch")
@@ -99,8 +124,20 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("build", help="build engines from a preset, a diffusers folder or an export directory")
-    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
+    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     model_args(sp)
+    g = sp.add_argument_group("tensorrt", "TensorRT engines per GPU SKU (TensorRT-RTX builds them without a GPU)")
+    g.add_argument("--sku", help="GPU SKUs, comma-separated: sm75,sm80,sm86,sm89,sm120,sm121 (TensorRT-RTX targets)")
+    g.add_argument("--precision", choices=["fp32", "fp16", "bf16", "fp8", "nvfp4"], help="engine precision (default fp16)")
+    g.add_argument("--static", action="store_true", help="fix batch and resolution (default: the declared dynamic ranges)")
+    g.add_argument("--static-height", type=int, help="static resolution in pixels (default: the model's default)")
+    g.add_argument("--static-width", type=int)
+    g.add_argument("--static-batch", type=int, default=1, help="images per call for static engines (CFG doubles it)")
+    g.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
+    g.add_argument("--workspace-gib", type=float, help="cap on the builder's scratch memory")
+    g.add_argument("--jobs", type=int, help="parallel builds (default: one per SKU, as host memory allows)")
+    g.add_argument("--cache-dir", help="engine/timing cache (default $DIFFKILN_CACHE_DIR or ~/.cache/diffkiln)")
+    g.add_argument("--no-cache", action="store_true", help="neither read nor write the engine cache")
     sp.set_defaults(fn=cmd_build)
 
     sp = sub.add_parser("generate", help="generate images from an engine directory")
@@ -113,12 +150,22 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--height", type=int, default=None)
     sp.add_argument("--width", type=int, default=None)
     sp.add_argument("--num-images", type=int, default=1)
-    sp.add_argument("--backend", default="onnxruntime")
+    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU)")
+    sp.add_argument("--precision", help="engine set precision, when the directory holds several")
+    sp.add_argument("--cuda-graph", action="store_true", help="TensorRT: capture each shape into a CUDA graph")
     sp.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers in priority order "
                     "(default CPUExecutionProvider; e.g. CUDAExecutionProvider CPUExecutionProvider with onnxruntime-gpu)")
     sp.add_argument("--no-verify", action="store_true", help="skip sha256 checks of engine files")
     sp.add_argument("-o", "--output", default="out.png")
     sp.set_defaults(fn=cmd_generate)
+
+    sp = sub.add_parser("verify", help="measure an engine set's parity vs eager PyTorch here and record it in the manifest")
+    sp.add_argument("engines", help="engine directory")
+    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU)")
+    sp.add_argument("--precision", help="engine set precision, when the directory holds several")
+    sp.set_defaults(fn=cmd_verify)
 
     sp = sub.add_parser("inspect", help="summarise an engine directory's manifest")
     sp.add_argument("engines")

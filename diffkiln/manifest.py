@@ -18,6 +18,8 @@ from diffkiln.fileio import atomic_write_json, sha256_file
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+# weights dtype of an export -> the precision name engine sets use
+DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,21 @@ def summary(root: str | Path) -> str:
         lines.append(f"    {name}: {ins}  |  {dims}")
     for e in m.engines:
         lines.append(f"  engines {e.key}  ({', '.join(f'{k} {v}' for k, v in e.tool_versions.items())})")
+        if "build_config" in e.options:
+            c = e.options["build_config"]
+            lines.append(f"    {c['mode']} shapes, optimization level {c['optimization_level']}; "
+                         f"from cache: {', '.join(e.options.get('cache_hits', [])) or 'none'}")
         for name, files in e.files.items():
             size = sum(m.files[f]["bytes"] for f in files if f in m.files) / 1e6
             worst = max(e.parity.get(name, [{}]), key=lambda r: r.get("max_abs", 0), default={})
-            par = f"max abs err {worst['max_abs']:.2e}, cosine {worst['cosine']:.7f}" if worst else "no parity recorded"
+            if worst:
+                par = f"max abs err {worst['max_abs']:.2e}, cosine {worst['cosine']:.7f}"
+            else:
+                par = e.options.get("parity", "no parity recorded")
+                if name in e.options.get("onnx_parity", {}):
+                    par += f"; its ONNX: max abs err {e.options['onnx_parity'][name]:.2e}"
             lines.append(f"    {name}: {files[0]} {size:.1f} MB, built in {e.build_seconds.get(name, 0):.1f}s, vs eager: {par}")
+            prof = e.options.get("profiles", {}).get(name)
+            if prof:
+                lines.append("      profile " + ", ".join(f"{d} {lo}/{opt}/{hi}" for d, (lo, opt, hi) in prof.items()))
     return "\n".join(lines)

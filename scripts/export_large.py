@@ -1,7 +1,9 @@
-"""Export a real-size preset's submodels to ONNX and record time, peak host memory, ONNX size and parity.
+"""Export a real-size preset's submodels to ONNX (and optionally build TensorRT engines from them) and
+record time, peak host memory, ONNX / engine size and parity.
 
     python scripts/export_large.py sana-600m-1024 --submodels transformer
-Results go to benchmarks/results/<date>-cpu/export-<preset>.json (and are printed).
+    python scripts/export_large.py sana-600m-1024 --submodels transformer --dtype float16 --tensorrt-sku sm89
+Results go to benchmarks/results/<date>-cpu/{export,tensorrt}-<preset>-<dtype>.json (and are printed).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main() -> None:
     ap.add_argument("--submodels", nargs="+", default=["transformer"])
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--keep", help="keep the engine directory here instead of deleting it")
+    ap.add_argument("--tensorrt-sku", help="also build TensorRT engines for these SKUs (e.g. sm89)")
     args = ap.parse_args()
 
     from diffkiln.export.pipeline import export_pipeline
@@ -34,7 +37,20 @@ def main() -> None:
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="diffkiln-large-")) / "engines"
     t1 = time.perf_counter()
-    manifest = export_pipeline(model, out, overwrite=True)
+    if args.tensorrt_sku:
+        from diffkiln.engines.build import build
+        from diffkiln.engines.tensorrt_build import TensorRTBuildConfig
+        from diffkiln.manifest import DTYPE_PRECISION
+
+        export_pipeline(model, out, overwrite=True)
+        del model
+        rss_export = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        t2 = time.perf_counter()
+        config = TensorRTBuildConfig(skus=args.tensorrt_sku, precision=DTYPE_PRECISION[args.dtype], use_cache=False)
+        manifest = build(out, out, backend="tensorrt", tensorrt=config)
+        trt_s = time.perf_counter() - t2
+    else:
+        manifest = export_pipeline(model, out, overwrite=True)
     total_s = time.perf_counter() - t1
     entry = manifest.engine("onnxruntime")
     result = {
@@ -52,11 +68,22 @@ def main() -> None:
         },
         "tool_versions": entry.tool_versions,
     }
+    kind = "export"
+    if args.tensorrt_sku:
+        kind = "tensorrt"
+        result["peak_rss_gib_until_export_done"] = round(rss_export, 2)
+        result["tensorrt_seconds_including_copy_and_hashing"] = round(trt_s, 1)
+        result["tensorrt"] = {
+            e.key: {"engines": {n: {"build_seconds": e.build_seconds[n], "bytes": manifest.files[f[0]]["bytes"]}
+                                for n, f in e.files.items()}, "options": e.options["capabilities"], "profiles": e.options["profiles"]}
+            for e in manifest.engines if e.backend == "tensorrt"
+        }
+        result["tool_versions"] = {**entry.tool_versions, **{k: v for e in manifest.engines for k, v in e.tool_versions.items()}}
     text = json.dumps(result, indent=2)
     print(text)
     res_dir = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{result['date']}-cpu"
     res_dir.mkdir(parents=True, exist_ok=True)
-    (res_dir / f"export-{args.preset}-{args.dtype}.json").write_text(text + "\n")
+    (res_dir / f"{kind}-{args.preset}-{args.dtype}.json").write_text(text + "\n")
     if not args.keep:
         shutil.rmtree(out.parent, ignore_errors=True)
 

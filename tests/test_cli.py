@@ -53,8 +53,10 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert err.startswith("diffkiln: error: ") and "manifest.json is missing" in err
     assert run("export", "no-such-preset", tmp_path / "o") == 2
     assert "Unknown preset 'no-such-preset'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run("build", "--backend", "tensorrt", "tiny-sana", tmp_path / "o")
+    with pytest.raises(SystemExit):  # argparse: not a backend
+        run("build", "--backend", "tvm", "tiny-sana", tmp_path / "o")
+    assert run("build", "--sku", "sm89", "tiny-sana", tmp_path / "o") == 2
+    assert "--sku and --precision apply to --backend tensorrt" in capsys.readouterr().err
 
 
 def test_demo(tmp_path, capsys):

@@ -19,11 +19,8 @@ class EagerEngine(Engine):
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        dtype = next(self.module.parameters()).dtype
-        args = []
-        for t in self.spec.inputs:
-            x = torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(self.device)
-            args.append(x.to(dtype) if x.is_floating_point() else x)
+        # submodel wrappers take float32 and cast to their weights' dtype themselves
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(self.device) for t in self.spec.inputs]
         with torch.inference_mode():
             out = self.module(*args)
         return {self.spec.outputs[0].name: out.float().cpu().numpy()}

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from diffkiln.fileio import atomic_dir, atomic_write_json
-from diffkiln.manifest import EngineEntry, Manifest
+from diffkiln.manifest import DTYPE_PRECISION, EngineEntry, Manifest
 from diffkiln.models.sana import SanaModel
 from diffkiln.progress import log, progress
 
@@ -31,7 +31,18 @@ def write_runtime_files(model: SanaModel, root: Path) -> None:
 
 
 def export_pipeline(model: SanaModel, out: str | Path, names=None, overwrite: bool = False, threads: int | None = None) -> Manifest:
-    """Export each submodel present in `model` to `out/<name>.onnx`, check it in ONNX Runtime at two shapes."""
+    """Export each submodel present in `model` to `out/<name>.onnx`, check it in ONNX Runtime at two shapes.
+
+    `out` is written atomically: it appears complete or not at all.
+    """
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        manifest = export_into(model, tmp, names, threads)
+        manifest.write(tmp)
+    return manifest
+
+
+def export_into(model: SanaModel, root: Path, names=None, threads: int | None = None) -> Manifest:
+    """Export into the (new, temporary) directory `root`; the caller writes the manifest and renames `root`."""
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
     from diffkiln.export.onnx import export_onnx
@@ -42,28 +53,25 @@ def export_pipeline(model: SanaModel, out: str | Path, names=None, overwrite: bo
     dtype = str(next(next(iter(subs.values())).module.parameters()).dtype).replace("torch.", "")
     entry = EngineEntry(
         backend="onnxruntime",
-        precision={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype],
+        precision=DTYPE_PRECISION[dtype],
         target="any",
         files={},
         tool_versions=tool_versions("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon"),
     )
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_runtime_files(model, tmp)
-        for name, sub in progress(subs.items(), total=len(subs), desc="export"):
-            start = time.perf_counter()
-            facts = export_onnx(sub, tmp / f"{name}.onnx")
-            engine = OnnxRuntimeEngine(tmp / facts["files"][0], sub.spec, threads=threads)
-            entry.parity[name] = check_parity(sub, EagerEngine(sub.module, sub.spec), engine)
-            entry.files[name] = facts.pop("files")
-            entry.options[name] = facts
-            entry.build_seconds[name] = round(time.perf_counter() - start, 3)
-            worst = max(r["max_abs"] for r in entry.parity[name])
-            log(f"{name}: exported in {facts['export_seconds']:.1f}s, {facts['bytes'] / 1e6:.1f} MB, "
-                f"ORT vs eager max abs err {worst:.2e}")
-        manifest = Manifest(
-            model={"name": model.name, "source": model.source, "family": model.family, "config_hash": model.config_hash()},
-            submodels={k: s.spec for k, s in subs.items()},
-            engines=[entry],
-        )
-        manifest.write(tmp)
-    return manifest
+    write_runtime_files(model, root)
+    for name, sub in progress(subs.items(), total=len(subs), desc="export"):
+        start = time.perf_counter()
+        facts = export_onnx(sub, root / f"{name}.onnx")
+        engine = OnnxRuntimeEngine(root / facts["files"][0], sub.spec, threads=threads)
+        entry.parity[name] = check_parity(sub, EagerEngine(sub.module, sub.spec), engine)
+        entry.files[name] = facts.pop("files")
+        entry.options[name] = facts
+        entry.build_seconds[name] = round(time.perf_counter() - start, 3)
+        worst = max(r["max_abs"] for r in entry.parity[name])
+        log(f"{name}: exported in {facts['export_seconds']:.1f}s, {facts['bytes'] / 1e6:.1f} MB, "
+            f"ORT vs eager max abs err {worst:.2e}")
+    return Manifest(
+        model={"name": model.name, "source": model.source, "family": model.family, "config_hash": model.config_hash()},
+        submodels={k: s.spec for k, s in subs.items()},
+        engines=[entry],
+    )

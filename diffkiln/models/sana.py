@@ -142,8 +142,18 @@ class SanaModel:
 
 
 def _cast(module, dtype):
-    """eval mode, cast only when needed (diffusers warns on every `.to(dtype)`)."""
-    return (module if next(module.parameters()).dtype == dtype else module.to(dtype)).eval()
+    """eval mode, cast only when needed. diffusers warns on every `.to(dtype)` that no module of these
+    models asked to stay in float32 (an empty list); that note is silenced."""
+    if next(module.parameters()).dtype == dtype:
+        return module.eval()
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        return module.to(dtype).eval()
+    finally:
+        dlog.set_verbosity(level)
 
 
 def _build_modules(model: SanaModel, submodels, dtype, seed: int) -> None:

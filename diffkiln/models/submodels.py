@@ -26,7 +26,12 @@ class Submodel:
 
 
 def _wrappers():
+    """Wrappers with float32 I/O whatever the weights' dtype: casts sit inside the graph, so every
+    precision of a submodel shares one I/O spec and the runtime always feeds float32."""
     import torch
+
+    def cast(x, like):
+        return x.to(like.dtype) if x is not None and x.is_floating_point() else x
 
     class TextEncoder(torch.nn.Module):
         def __init__(self, text_encoder):
@@ -35,7 +40,8 @@ def _wrappers():
 
         def forward(self, input_ids, attention_mask):
             # input_ids, attention_mask: [B, S] int64 -> last_hidden_state [B, S, D]
-            return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return out.last_hidden_state.float()
 
     class Transformer(torch.nn.Module):
         def __init__(self, transformer):
@@ -44,14 +50,15 @@ def _wrappers():
 
         def forward(self, latents, encoder_hidden_states, encoder_attention_mask, timestep, guidance=None):
             # latents [B, C, h, w]; encoder_hidden_states [B, L, D]; mask [B, L] int64; timestep [B]
+            w = next(self.transformer.parameters())
             return self.transformer(
-                latents,
-                encoder_hidden_states=encoder_hidden_states,
+                cast(latents, w),
+                encoder_hidden_states=cast(encoder_hidden_states, w),
                 encoder_attention_mask=encoder_attention_mask,
-                timestep=timestep,
-                guidance=guidance,
+                timestep=cast(timestep, w),
+                guidance=cast(guidance, w),
                 return_dict=False,
-            )[0]
+            )[0].float()
 
     class VaeDecoder(torch.nn.Module):
         def __init__(self, vae):
@@ -60,7 +67,7 @@ def _wrappers():
 
         def forward(self, latents):
             # latents [B, C, h, w] (already divided by the scaling factor) -> image [B, 3, H, W] in [-1, 1]
-            return self.vae.decode(latents, return_dict=False)[0]
+            return self.vae.decode(cast(latents, next(self.vae.parameters())), return_dict=False)[0].float()
 
     return TextEncoder, Transformer, VaeDecoder
 

@@ -58,12 +58,12 @@ class Pipeline:
     def from_engines(cls, root: str | Path, backend: str = "onnxruntime", target: str | None = None,
                      precision: str | None = None, verify: bool = True, **engine_options) -> "Pipeline":
         """Load an engine directory: manifest (hashes checked), tokenizer, scheduler and pipeline settings."""
-        from diffkiln.engines import open_engines
+        from diffkiln.engines import open_engines, select_engines
         from diffkiln.manifest import read_manifest
 
         root = Path(root)
         manifest = read_manifest(root, verify=verify)
-        entry = manifest.engine(backend, target, precision)
+        entry = select_engines(manifest, backend, target, precision)
         engines = open_engines(root, manifest, entry, **engine_options)
         settings = json.loads((root / "pipeline.json").read_text())
         scheduler = json.loads((root / "scheduler.json").read_text())

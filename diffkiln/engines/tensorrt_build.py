@@ -1,0 +1,242 @@
+"""ONNX engine set -> TensorRT engines, one set per GPU SKU, built ahead of time (no GPU needed with TensorRT-RTX).
+
+Networks are strongly typed: the precision is the ONNX graph's own (an fp16 export gives fp16
+engines). Optimization profiles come from the manifest's declared dim ranges, with the "opt"
+point at the model's default resolution. A content-addressed engine cache (key: ONNX bytes,
+TensorRT flavor/version, SKU, profile, builder options) makes rebuilding an unchanged submodel
+free; full TensorRT also keeps its timing cache there (TensorRT-RTX's is a no-op).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from diffkiln.engines.skus import PRECISIONS, SKUS, check_precision, parse_skus
+from diffkiln.engines.tensorrt import Flavor, detect_gpu, load_flavor
+from diffkiln.errors import DiffkilnError
+from diffkiln.fileio import atomic_write_bytes, sha256_json
+from diffkiln.manifest import EngineEntry, Manifest
+from diffkiln.progress import log, progress
+
+BUILDABLE_PRECISIONS = ("fp32", "fp16")
+MODES = ("dynamic", "static")
+ENGINE_DIR = "tensorrt"
+# Host memory a build takes, per byte of ONNX (weights): measured 8 GB for the 2.4 GB Sana-600M fp32 graph.
+BUILD_MEMORY_PER_ONNX_BYTE = 3.5
+BUILD_MEMORY_BASE = 1 << 30
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DIFFKILN_CACHE_DIR") or Path.home() / ".cache" / "diffkiln") / "tensorrt"
+
+
+@dataclass
+class TensorRTBuildConfig:
+    """What to build: SKUs, precision, shape mode, builder options. Validated on creation; recorded in the manifest."""
+
+    skus: list[str]
+    precision: str = "fp16"
+    mode: str = "dynamic"  # dynamic: the declared ranges; static: batch and resolution fixed at `static_*`
+    static_height: int | None = None  # pixels; default: the model's default resolution
+    static_width: int | None = None
+    static_batch: int = 1  # images per call (the transformer sees twice as many with CFG)
+    optimization_level: int = 3  # TensorRT builder optimization level, 0..5
+    workspace_gib: float | None = None  # cap on builder scratch memory; None: TensorRT's default
+    jobs: int | None = None  # parallel builds; None: as many as SKUs, limited by host memory
+    cache_dir: str | None = None  # None: $DIFFKILN_CACHE_DIR/tensorrt or ~/.cache/diffkiln/tensorrt
+    use_cache: bool = True
+    version: int = 1
+
+    def __post_init__(self):
+        self.skus = parse_skus(self.skus)
+        if self.mode not in MODES:
+            raise DiffkilnError(f"mode={self.mode!r}; expected one of {MODES}")
+        if not 0 <= self.optimization_level <= 5:
+            raise DiffkilnError(f"optimization_level={self.optimization_level}; expected 0..5")
+        if self.static_batch < 1:
+            raise DiffkilnError(f"static_batch={self.static_batch}; expected >= 1")
+        if self.precision not in PRECISIONS:
+            raise DiffkilnError(f"Unknown precision {self.precision!r}; expected one of {PRECISIONS}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_request(flavor: Flavor, config: TensorRTBuildConfig) -> None:
+    """Everything that can be refused before a build starts: targets this TensorRT can reach, precision rules."""
+    if flavor.aot_targets:
+        unreachable = [s for s in config.skus if s not in flavor.aot_targets]
+        if unreachable:
+            raise DiffkilnError(
+                f"{flavor.name} {flavor.version} cannot build for {', '.join(f'{s} ({SKUS[s][1]})' for s in unreachable)}; "
+                f"it targets {', '.join(flavor.aot_targets)}. For other GPUs use the onnxruntime backend, or full "
+                f"TensorRT on a machine with that GPU."
+            )
+    else:
+        gpu = detect_gpu()
+        if gpu is None or config.skus != [gpu.sku]:
+            here = f"this machine's GPU is {gpu.sku} ({gpu.name})" if gpu else "this machine has no GPU"
+            raise DiffkilnError(
+                f"{flavor.name} {flavor.version} builds only for the GPU it runs on and {here}; asked for "
+                f"{', '.join(config.skus)}. TensorRT for RTX builds ahead of time without the GPU: "
+                f"pip install 'diffkiln[tensorrt]' and set DIFFKILN_TENSORRT=tensorrt_rtx"
+            )
+    check_precision(config.skus, config.precision, list(flavor.aot_targets) or None)
+    if config.precision not in BUILDABLE_PRECISIONS:
+        raise DiffkilnError(
+            f"{config.precision} TensorRT engines are not buildable by this diffkiln yet: quantized precisions "
+            f"need calibration scales; buildable: {BUILDABLE_PRECISIONS}"
+        )
+
+
+def profiles(manifest: Manifest, settings: dict, config: TensorRTBuildConfig) -> dict[str, dict[str, list[int]]]:
+    """Per submodel, each dynamic input dim -> [min, opt, max]; static mode pins batch and resolution."""
+    f = settings["vae_scale_factor"]
+    d = settings["defaults"]
+    h = (config.static_height or d["height"]) // f
+    w = (config.static_width or d["width"]) // f
+    out = {}
+    for name, spec in manifest.submodels.items():
+        cfg_batch = 2 if name == "transformer" else 1  # classifier-free guidance doubles the transformer batch
+        opt = {"batch": cfg_batch, "latent_height": h, "latent_width": w}
+        used = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
+        prof = {}
+        for dim in sorted(used):
+            lo, hi = spec.dims[dim]
+            point = min(max(opt.get(dim, hi), lo), hi)
+            prof[dim] = [lo, point, hi]
+            if config.mode == "static" and dim in opt:
+                fixed = config.static_batch * cfg_batch if dim == "batch" else opt[dim]
+                if not lo <= fixed <= hi:
+                    raise DiffkilnError(f"{name}: static {dim}={fixed} is outside the exported range [{lo}, {hi}]")
+                prof[dim] = [fixed, fixed, fixed]
+        out[name] = prof
+    return out
+
+
+def _parse(trt, flavor: Flavor, onnx_path: Path):
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = []
+        for i in range(parser.num_errors):
+            err = parser.get_error(i)
+            where = f"node {err.node_name() or err.node()} (op {err.node_operator()})" if err.node() >= 0 else "graph"
+            errors.append(f"{where}: {err.desc()}")
+        raise DiffkilnError(f"{flavor.name} could not parse {onnx_path.name}: {'; '.join(errors)}"
+                            f"{'' if flavor.plugin_layer else f' ({flavor.name} has no plugin layer: custom ops must be lowered to standard ONNX)'}")
+    return builder, network, parser
+
+
+def build_engine(flavor: Flavor, onnx_path: Path, input_shapes: dict[str, tuple], profile: dict[str, list[int]],
+                 sku: str, config: TensorRTBuildConfig, timing_cache: Path | None = None) -> bytes:
+    """Parse `onnx_path` strongly typed and build one serialized engine for `sku`."""
+    trt = flavor.module
+    builder, network, _parser = _parse(trt, flavor, onnx_path)
+    bc = builder.create_builder_config()
+    if flavor.aot_targets:
+        bc.num_compute_capabilities = 1
+        bc.set_compute_capability(getattr(trt.ComputeCapability, sku.upper()), 0)
+    bc.builder_optimization_level = config.optimization_level
+    if config.workspace_gib:
+        bc.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * (1 << 30)))
+    if flavor.timing_cache and timing_cache is not None:
+        cache = bc.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        bc.set_timing_cache(cache, ignore_mismatch=False)
+    opt_profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = input_shapes[tensor.name]
+        shapes = [[d if isinstance(d, int) else profile[d][k] for d in dims] for k in range(3)]
+        opt_profile.set_shape(tensor.name, *shapes)
+    bc.add_optimization_profile(opt_profile)
+    serialized = builder.build_serialized_network(network, bc)
+    if serialized is None:
+        raise DiffkilnError(f"{flavor.name} failed to build {onnx_path.name} for {sku} (see the TensorRT log above)")
+    if flavor.timing_cache and timing_cache is not None:
+        atomic_write_bytes(timing_cache, memoryview(bc.get_timing_cache().serialize()).tobytes())
+    return memoryview(serialized).tobytes()
+
+
+def _jobs(config: TensorRTBuildConfig, onnx_bytes: int, n: int) -> int:
+    """Parallel builds that fit host memory (estimate from the measured bytes-per-ONNX-byte of a build)."""
+    want = config.jobs or n
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1
+    per_build = BUILD_MEMORY_BASE + BUILD_MEMORY_PER_ONNX_BYTE * onnx_bytes
+    return max(1, min(want, n, int(available // per_build)))
+
+
+def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildConfig, flavor: Flavor | None = None) -> list[EngineEntry]:
+    """Build TensorRT engine sets (one per SKU) into engine directory `root` from its ONNX engine set.
+
+    `root` is the directory being written (a temporary one: the caller renames it into place).
+    """
+    flavor = flavor or load_flavor()
+    check_request(flavor, config)
+    onnx = manifest.engine("onnxruntime", precision=config.precision)
+    manifest.record_files(root)  # sha256 of the ONNX files: the engine cache key
+    settings = json.loads((root / "pipeline.json").read_text())
+    profs = profiles(manifest, settings, config)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    if config.use_cache:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    onnx_bytes = {name: sum(manifest.files[f]["bytes"] for f in files) for name, files in onnx.files.items()}
+    jobs = [(sku, name) for sku in config.skus for name in onnx.files]
+    workers = _jobs(config, max(onnx_bytes.values()), len(jobs))
+    log(f"{flavor.name} {flavor.version}: {len(jobs)} engines ({', '.join(config.skus)} x {', '.join(onnx.files)}), "
+        f"{config.precision}, {config.mode} shapes, {workers} in parallel")
+    options = {"flavor": flavor.name, "version": flavor.version, "capabilities": flavor.describe(),
+               "build_config": config.to_dict(), "profiles": profs, "source": onnx.key}
+
+    def one(job):
+        sku, name = job
+        spec = manifest.submodels[name]
+        key = sha256_json({"onnx": [manifest.files[f]["sha256"] for f in onnx.files[name]], "flavor": flavor.name,
+                           "version": flavor.version, "sku": sku, "profile": profs[name],
+                           "opt": config.optimization_level, "workspace": config.workspace_gib})[:32]
+        cached = cache_dir / f"{name}-{sku}-{key}.engine"
+        rel = f"{ENGINE_DIR}/{sku}-{config.precision}/{name}.engine"
+        dst = root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        if config.use_cache and cached.is_file():
+            shutil.copyfile(cached, dst)
+            return sku, name, rel, time.perf_counter() - start, True
+        data = build_engine(flavor, root / onnx.files[name][0], {t.name: t.shape for t in spec.inputs}, profs[name],
+                            sku, config, cache_dir / f"timing-{flavor.name}-{flavor.version}-{sku}.cache"
+                            if config.use_cache else None)
+        atomic_write_bytes(dst, data)
+        if config.use_cache:
+            atomic_write_bytes(cached, data)
+        return sku, name, rel, time.perf_counter() - start, False
+
+    entries = {sku: EngineEntry("tensorrt", config.precision, sku, files={}, options={**options, "cache_hits": []},
+                                tool_versions={flavor.name: flavor.version}) for sku in config.skus}
+    # Replace an earlier set of the same SKU/precision: one engine set per key.
+    manifest.engines = [e for e in manifest.engines if e.key not in {x.key for x in entries.values()}]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for sku, name, rel, seconds, hit in progress(pool.map(one, jobs), total=len(jobs), desc="tensorrt build"):
+            e = entries[sku]
+            e.files[name] = [rel]
+            e.build_seconds[name] = round(seconds, 3)
+            if hit:
+                e.options["cache_hits"].append(name)
+            log(f"{sku} {name}: {'from cache' if hit else 'built'} in {seconds:.1f}s, "
+                f"{(root / rel).stat().st_size / 1e6:.1f} MB")
+    for e in entries.values():
+        # Running the engines needs the GPU; parity is measured by `diffkiln verify` on that GPU.
+        e.options["parity"] = "not measured: needs a GPU of this SKU (diffkiln verify)"
+        e.options["onnx_parity"] = {n: max(r["max_abs"] for r in onnx.parity[n]) for n in e.files if onnx.parity.get(n)}
+        manifest.engines.append(e)
+    return list(entries.values())

@@ -1,0 +1,57 @@
+"""`diffkiln verify`: run an engine set against the eager model it came from and record parity in the manifest.
+
+Export records ONNX Runtime parity at once; engines that need hardware the building machine lacks
+(TensorRT engines built ahead of time) are verified here, on a machine that can run them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffkiln.errors import DiffkilnError
+from diffkiln.manifest import EngineEntry, Manifest, read_manifest
+from diffkiln.progress import log
+
+PRECISION_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def parity_shapes(sub, spec, profile: dict | None) -> list[dict]:
+    """The submodel's parity shapes that the engine accepts; for a static profile, its one shape."""
+    shapes = [d for d in sub.shapes if all(spec.dims[k][0] <= v <= spec.dims[k][1] for k, v in d.items())]
+    if not shapes and profile:
+        shapes = [{**sub.shapes[0], **{k: v[1] for k, v in profile.items() if k in sub.shapes[0]}}]
+    return shapes
+
+
+def verify_engines(root: str | Path, backend: str, target: str | None = None, precision: str | None = None,
+                   device: str | None = None, **engine_options) -> tuple[Manifest, EngineEntry]:
+    """Measure parity of one engine set against eager PyTorch and rewrite the manifest with it (atomically)."""
+    from diffkiln.engines import open_engines, select_engines
+    from diffkiln.engines.eager import EagerEngine
+    from diffkiln.export.parity import check_parity
+    from diffkiln.models.sana import load_model
+    from diffkiln.models.submodels import sana_submodels
+
+    root = Path(root)
+    manifest = read_manifest(root, verify=True)
+    entry = select_engines(manifest, backend, target, precision)
+    if entry.precision not in PRECISION_DTYPE:
+        raise DiffkilnError(f"verify compares against eager PyTorch in {list(PRECISION_DTYPE)}; {entry.key} is {entry.precision}")
+    source = manifest.model["name"] if manifest.model["source"] == "preset" else manifest.model["source"]
+    model = load_model(source, list(entry.files), dtype=PRECISION_DTYPE[entry.precision])
+    if model.config_hash() != manifest.model["config_hash"]:
+        raise DiffkilnError(f"{source} now has config {model.config_hash()}, the engines were built from "
+                            f"{manifest.model['config_hash']}: they do not come from this model")
+    device = device or ("cuda" if backend == "tensorrt" else "cpu")
+    engines = open_engines(root, manifest, entry, **engine_options)
+    for name, sub in sana_submodels(model, list(entry.files)).items():
+        spec = engines[name].spec
+        shapes = parity_shapes(sub, spec, entry.options.get("profiles", {}).get(name))
+        sub.shapes = shapes
+        eager = EagerEngine(sub.module.to(device), sub.spec, device=device)
+        entry.parity[name] = check_parity(sub, eager, engines[name])
+        worst = max(r["max_abs"] for r in entry.parity[name])
+        log(f"{entry.key} {name}: max abs err vs eager {worst:.2e} over {len(shapes)} shape(s)")
+    entry.options.pop("parity", None)
+    manifest.write(root)
+    return manifest, entry
