@@ -46,10 +46,17 @@ def cmd_build(args) -> None:
             static_height=args.static_height, static_width=args.static_width, static_batch=args.static_batch,
             optimization_level=args.opt_level, workspace_gib=args.workspace_gib, jobs=args.jobs,
             cache_dir=args.cache_dir, use_cache=not args.no_cache)
-    elif args.sku or args.precision:
-        raise DiffkilnError("--sku and --precision apply to --backend tensorrt; for onnxruntime use --dtype")
+    elif args.sku:
+        raise DiffkilnError("--sku applies to --backend tensorrt")
+    aoti = None
+    if args.backend == "aoti":
+        from diffkiln.engines.aoti import AotiBuildConfig
+
+        aoti = AotiBuildConfig(device=args.device, precision=args.precision or "fp32", max_autotune=args.max_autotune)
+    elif args.backend == "onnxruntime" and args.precision:
+        raise DiffkilnError("--precision applies to --backend tensorrt and aoti; for onnxruntime use --dtype")
     build(args.model, args.out, backend=args.backend, submodels=args.submodels, dtype=args.dtype,
-          overwrite=args.overwrite, tensorrt=trt)
+          overwrite=args.overwrite, tensorrt=trt, aoti=aoti)
     print(f"wrote {args.out}")
     _print_summary(args.out)
 
@@ -60,6 +67,8 @@ def cmd_generate(args) -> None:
 
     options = {"providers": args.providers} if args.providers else {}
     if args.cuda_graph:
+        if args.backend != "tensorrt":
+            raise DiffkilnError("--cuda-graph applies to --backend tensorrt")
         options["cuda_graph"] = True
     pipe = Pipeline.from_engines(args.engines, backend=args.backend, target=args.target, precision=args.precision,
                                  verify=not args.no_verify, **options)
@@ -124,11 +133,15 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("build", help="build engines from a preset, a diffusers folder or an export directory")
-    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
     model_args(sp)
+    sp.add_argument("--precision", choices=["fp32", "fp16", "bf16", "fp8", "nvfp4"],
+                    help="engine precision: tensorrt (default fp16), aoti (default fp32)")
+    g = sp.add_argument_group("aoti", "AOTInductor packages (.pt2) compiled by torch")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--max-autotune", action="store_true", help="autotune kernels (slower build)")
     g = sp.add_argument_group("tensorrt", "TensorRT engines per GPU SKU (TensorRT-RTX builds them without a GPU)")
     g.add_argument("--sku", help="GPU SKUs, comma-separated: sm75,sm80,sm86,sm89,sm120,sm121 (TensorRT-RTX targets)")
-    g.add_argument("--precision", choices=["fp32", "fp16", "bf16", "fp8", "nvfp4"], help="engine precision (default fp16)")
     g.add_argument("--static", action="store_true", help="fix batch and resolution (default: the declared dynamic ranges)")
     g.add_argument("--static-height", type=int, help="static resolution in pixels (default: the model's default)")
     g.add_argument("--static-width", type=int)
@@ -150,8 +163,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--height", type=int, default=None)
     sp.add_argument("--width", type=int, default=None)
     sp.add_argument("--num-images", type=int, default=1)
-    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU)")
+    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
+    sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU; aoti: cpu|cuda)")
     sp.add_argument("--precision", help="engine set precision, when the directory holds several")
     sp.add_argument("--cuda-graph", action="store_true", help="TensorRT: capture each shape into a CUDA graph")
     sp.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers in priority order "
@@ -162,8 +175,8 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("verify", help="measure an engine set's parity vs eager PyTorch here and record it in the manifest")
     sp.add_argument("engines", help="engine directory")
-    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU)")
+    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
+    sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU; aoti: cpu|cuda)")
     sp.add_argument("--precision", help="engine set precision, when the directory holds several")
     sp.set_defaults(fn=cmd_verify)
 

@@ -23,8 +23,9 @@ def summary(root: str | Path) -> str:
         lines.append(f"  engines {e.key}  ({', '.join(f'{k} {v}' for k, v in e.tool_versions.items())})")
         if "build_config" in e.options:
             c = e.options["build_config"]
-            lines.append(f"    {c['mode']} shapes, optimization level {c['optimization_level']}; "
-                         f"from cache: {', '.join(e.options.get('cache_hits', [])) or 'none'}")
+            opts = ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("skus", "precision", "version") and v is not None)
+            hits = e.options.get("cache_hits")
+            lines.append(f"    {opts}" + ("" if hits is None else f"; from cache: {', '.join(hits) or 'none'}"))
         for name, files in e.files.items():
             size = sum(m.files[f]["bytes"] for f in files if f in m.files) / 1e6
             worst = max(e.parity.get(name, [{}]), key=lambda r: r.get("max_abs", 0), default={})

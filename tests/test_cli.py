@@ -56,7 +56,7 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: not a backend
         run("build", "--backend", "tvm", "tiny-sana", tmp_path / "o")
     assert run("build", "--sku", "sm89", "tiny-sana", tmp_path / "o") == 2
-    assert "--sku and --precision apply to --backend tensorrt" in capsys.readouterr().err
+    assert "--sku applies to --backend tensorrt" in capsys.readouterr().err
 
 
 def test_demo(tmp_path, capsys):

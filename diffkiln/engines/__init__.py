@@ -8,7 +8,7 @@ from diffkiln.engines.base import Engine, check_feeds
 from diffkiln.errors import DiffkilnError
 from diffkiln.manifest import EngineEntry, Manifest
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "aoti")
 
 
 def select_engines(manifest: Manifest, backend: str, target: str | None = None, precision: str | None = None) -> EngineEntry:
@@ -38,6 +38,13 @@ def open_engines(root: str | Path, manifest: Manifest, entry: EngineEntry, **opt
         return {
             name: TensorRTEngine(root / files[0], narrowed_spec(manifest.submodels[name], entry.options["profiles"][name]),
                                  flavor, **options)
+            for name, files in entry.files.items()
+        }
+    if entry.backend == "aoti":
+        from diffkiln.engines.aoti import AotiEngine
+
+        return {
+            name: AotiEngine(root / files[0], manifest.submodels[name], entry.options["torch"], **options)
             for name, files in entry.files.items()
         }
     raise DiffkilnError(f"Backend {entry.backend!r} cannot be loaded by this diffkiln; supported: {BACKENDS}")

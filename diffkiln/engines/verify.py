@@ -23,13 +23,24 @@ def parity_shapes(sub, spec, profile: dict | None) -> list[dict]:
     return shapes
 
 
+def source_model(manifest: Manifest, names: list[str], dtype: str):
+    """Reload the model an engine directory was built from (a preset, or the folder it names); refuse another."""
+    from diffkiln.models.sana import load_model
+
+    source = manifest.model["name"] if manifest.model["source"] == "preset" else manifest.model["source"]
+    model = load_model(source, names, dtype=dtype)
+    if model.config_hash() != manifest.model["config_hash"]:
+        raise DiffkilnError(f"{source} now has config {model.config_hash()}, the engines were built from "
+                            f"{manifest.model['config_hash']}: they do not come from this model")
+    return model
+
+
 def verify_engines(root: str | Path, backend: str, target: str | None = None, precision: str | None = None,
                    device: str | None = None, **engine_options) -> tuple[Manifest, EngineEntry]:
     """Measure parity of one engine set against eager PyTorch and rewrite the manifest with it (atomically)."""
     from diffkiln.engines import open_engines, select_engines
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.export.parity import check_parity
-    from diffkiln.models.sana import load_model
     from diffkiln.models.submodels import sana_submodels
 
     root = Path(root)
@@ -37,11 +48,7 @@ def verify_engines(root: str | Path, backend: str, target: str | None = None, pr
     entry = select_engines(manifest, backend, target, precision)
     if entry.precision not in PRECISION_DTYPE:
         raise DiffkilnError(f"verify compares against eager PyTorch in {list(PRECISION_DTYPE)}; {entry.key} is {entry.precision}")
-    source = manifest.model["name"] if manifest.model["source"] == "preset" else manifest.model["source"]
-    model = load_model(source, list(entry.files), dtype=PRECISION_DTYPE[entry.precision])
-    if model.config_hash() != manifest.model["config_hash"]:
-        raise DiffkilnError(f"{source} now has config {model.config_hash()}, the engines were built from "
-                            f"{manifest.model['config_hash']}: they do not come from this model")
+    model = source_model(manifest, list(entry.files), PRECISION_DTYPE[entry.precision])
     device = device or ("cuda" if backend == "tensorrt" else "cpu")
     engines = open_engines(root, manifest, entry, **engine_options)
     for name, sub in sana_submodels(model, list(entry.files)).items():

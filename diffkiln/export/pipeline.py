@@ -70,8 +70,12 @@ def export_into(model: SanaModel, root: Path, names=None, threads: int | None = 
         worst = max(r["max_abs"] for r in entry.parity[name])
         log(f"{name}: exported in {facts['export_seconds']:.1f}s, {facts['bytes'] / 1e6:.1f} MB, "
             f"ORT vs eager max abs err {worst:.2e}")
+    return new_manifest(model, subs, [entry])
+
+
+def new_manifest(model: SanaModel, subs: dict, engines: list[EngineEntry]) -> Manifest:
     return Manifest(
         model={"name": model.name, "source": model.source, "family": model.family, "config_hash": model.config_hash()},
         submodels={k: s.spec for k, s in subs.items()},
-        engines=[entry],
+        engines=engines,
     )

@@ -1,0 +1,169 @@
+"""AOTInductor engines: `torch.export` with the declared dynamic ranges -> `aoti_compile_and_package` -> `.pt2`.
+
+A `.pt2` package holds a compiled shared library (C++ on CPU, Triton kernels on CUDA) and the
+weights; it runs without the Python model code. It is tied to the device type, the CPU ISA it
+was compiled for, and the torch version: all three are checked before a package is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffkiln.engines.base import Engine
+from diffkiln.errors import DiffkilnError
+from diffkiln.manifest import EngineEntry, SubmodelSpec
+from diffkiln.progress import log, progress
+
+DEVICES = ("cpu", "cuda")
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ENGINE_DIR = "aoti"
+
+
+@dataclass
+class AotiBuildConfig:
+    """How to compile. Validated on creation and recorded in the manifest."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    max_autotune: bool = False  # inductor's autotuned kernels: slower builds, faster engines (mostly CUDA)
+    version: int = 1
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise DiffkilnError(f"AOTInductor device {self.device!r}; expected one of {DEVICES}")
+        if self.precision not in PRECISIONS:
+            raise DiffkilnError(f"AOTInductor precision {self.precision!r}; expected one of {tuple(PRECISIONS)}")
+        if self.device == "cpu" and self.precision != "fp32":
+            raise DiffkilnError(f"AOTInductor on CPU builds fp32 engines; {self.precision} needs --device cuda")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def package_metadata(path: Path) -> dict:
+    """The AOTI_* facts inductor writes into a package (device, platform, CPU ISA, compute capability)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next(n for n in z.namelist() if n.endswith("wrapper_metadata.json"))
+            return json.loads(z.read(name))
+    except (zipfile.BadZipFile, StopIteration, json.JSONDecodeError, KeyError) as e:
+        raise DiffkilnError(f"{path}: not an AOTInductor package ({type(e).__name__}: {e})") from e
+
+
+def check_loadable(path: Path, built_with_torch: str) -> dict:
+    """Refuse, before loading, a package this machine cannot run: other device, CPU ISA or torch version."""
+    import torch
+
+    meta = package_metadata(path)
+    if built_with_torch != torch.__version__:
+        raise DiffkilnError(f"{path.name} was compiled by torch {built_with_torch}, but torch {torch.__version__} is "
+                            "installed; AOTInductor packages load only in the torch that built them. Rebuild.")
+    device = meta.get("AOTI_DEVICE_KEY")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise DiffkilnError(f"{path.name} was compiled for CUDA (compute capability "
+                                f"{meta.get('AOTI_COMPUTE_CAPABILITY') or '?'}), and torch.cuda sees no GPU here")
+        major, minor = torch.cuda.get_device_capability()
+        want = str(meta.get("AOTI_COMPUTE_CAPABILITY", "")).replace(".", "")
+        if want and want != f"{major}{minor}":
+            raise DiffkilnError(f"{path.name} was compiled for compute capability {want}; this GPU is {major}{minor}")
+    elif device == "cpu":
+        isa = meta.get("AOTI_CPU_ISA", "")
+        here = torch.backends.cpu.get_cpu_capability()
+        if "AVX512" in isa and "AVX512" not in here:
+            raise DiffkilnError(f"{path.name} was compiled for a CPU with {isa}; this CPU offers {here}. Rebuild here.")
+    else:
+        raise DiffkilnError(f"{path.name}: unknown AOTInductor device {device!r}")
+    return meta
+
+
+def dynamic_shapes(spec: SubmodelSpec) -> tuple:
+    """torch.export dynamic_shapes from the declared dim ranges: one `Dim` per name, shared across inputs."""
+    from torch.export import Dim
+
+    dims = {d: Dim(d, min=lo, max=hi) for d, (lo, hi) in spec.dims.items()}
+    return tuple({ax: dims[d] for ax, d in enumerate(t.shape) if isinstance(d, str)} or None for t in spec.inputs)
+
+
+def compile_submodel(sub, path: Path, config: AotiBuildConfig) -> dict:
+    """Export `sub` with dynamic shapes and compile it into the package `path`; returns facts for the manifest."""
+    import torch
+
+    feeds = sub.sample(sub.shapes[0], 0)
+    args = tuple(torch.from_numpy(feeds[t.name]).to(config.device) for t in sub.spec.inputs)
+    module = sub.module.to(config.device)
+    start = time.perf_counter()
+    with torch.inference_mode(False), torch.no_grad():
+        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(sub.spec), strict=False)
+    exported = time.perf_counter() - start
+    options = {"max_autotune": config.max_autotune}
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=options)
+    return {"export_seconds": round(exported, 3), "compile_seconds": round(time.perf_counter() - start - exported, 3),
+            "bytes": path.stat().st_size, "package": package_metadata(path)}
+
+
+def build_aoti(model, root: Path, config: AotiBuildConfig, names=None) -> EngineEntry:
+    """Compile each submodel of `model` into `root/aoti/<device>-<precision>/`, with parity vs eager."""
+    import torch
+
+    from diffkiln.engines.eager import EagerEngine
+    from diffkiln.export.parity import check_parity
+    from diffkiln.models.submodels import sana_submodels
+
+    subs = sana_submodels(model, names)
+    entry = EngineEntry("aoti", config.precision, config.device, files={},
+                        options={"build_config": config.to_dict(), "torch": torch.__version__,
+                                 "fused_linear_attention": False},  # no fused op exists yet (plugins)
+                        tool_versions={"torch": torch.__version__})
+    folder = root / ENGINE_DIR / f"{config.device}-{config.precision}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, sub in progress(subs.items(), total=len(subs), desc="aoti compile"):
+        path = folder / f"{name}.pt2"
+        facts = compile_submodel(sub, path, config)
+        rel = str(path.relative_to(root))
+        engine = AotiEngine(path, sub.spec, torch.__version__)
+        entry.parity[name] = check_parity(sub, EagerEngine(sub.module, sub.spec, device=config.device), engine)
+        entry.files[name] = [rel]
+        entry.options[name] = facts
+        entry.build_seconds[name] = round(facts["export_seconds"] + facts["compile_seconds"], 3)
+        worst = max(r["max_abs"] for r in entry.parity[name])
+        log(f"{name}: compiled in {entry.build_seconds[name]:.1f}s, {facts['bytes'] / 1e6:.1f} MB, "
+            f"AOTI vs eager max abs err {worst:.2e}")
+    return entry
+
+
+class AotiEngine(Engine):
+    """A loaded `.pt2` package. Feeds: numpy arrays or torch tensors; outputs numpy (or torch with return_torch)."""
+
+    backend = "aoti"
+
+    def __init__(self, path: str | Path, spec: SubmodelSpec, built_with_torch: str, return_torch: bool = False):
+        super().__init__(spec)
+        import torch
+
+        self.torch, self.path, self.return_torch = torch, Path(path), return_torch
+        meta = check_loadable(self.path, built_with_torch)
+        self.device = torch.device(meta["AOTI_DEVICE_KEY"])
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(self.path))
+        except Exception as e:  # torch raises RuntimeError/OSError variants for bad archives
+            raise DiffkilnError(f"AOTInductor could not load {self.path}: {type(e).__name__}: {e}") from e
+
+    def _run(self, feeds: dict) -> dict:
+        torch = self.torch
+        args = []
+        for t in self.spec.inputs:
+            x = feeds[t.name]
+            x = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+            args.append(x.to(self.device))
+        with torch.no_grad():
+            out = self.runner(*args)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        name = self.spec.outputs[0].name
+        return {name: out if self.return_torch else out.float().cpu().numpy()}
