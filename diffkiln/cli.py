@@ -102,6 +102,20 @@ def cmd_verify(args) -> None:
     _print_summary(args.engines)
 
 
+def cmd_bench(args) -> None:
+    from diffkiln.benchmarks.run import run_suite
+    from diffkiln.benchmarks.suites import SUITES, get_suite
+
+    if args.list:
+        for s in SUITES.values():
+            print(f"{s.name:<10} {len(s.cases()):>3} cases  {s.description}{'  (GPU)' if s.needs_gpu else ''}")
+        return
+    results = run_suite(get_suite(args.suite), args.output, repeats=args.repeats)
+    print((Path(args.output) / "results.md").read_text())
+    print(f"wrote {args.output}/results.json, results.md, latency_per_stage.png, speedup.png, memory.png "
+          f"({len(results['cases'])} cases)")
+
+
 def cmd_inspect(args) -> None:
     _print_summary(args.engines)
 
@@ -179,6 +193,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU; aoti: cpu|cuda)")
     sp.add_argument("--precision", help="engine set precision, when the directory holds several")
     sp.set_defaults(fn=cmd_verify)
+
+    sp = sub.add_parser("bench", help="run a benchmark suite: engines vs eager PyTorch, same process; tables and plots")
+    sp.add_argument("--suite", default="cpu-smoke", help="suite name (see --list)")
+    sp.add_argument("--list", action="store_true", help="list the suites")
+    sp.add_argument("--repeats", type=int, help="timed runs per pipeline (default: the suite's)")
+    sp.add_argument("-o", "--output", default="bench-results", help="results directory (engines are built inside)")
+    sp.set_defaults(fn=cmd_bench)
 
     sp = sub.add_parser("inspect", help="summarise an engine directory's manifest")
     sp.add_argument("engines")

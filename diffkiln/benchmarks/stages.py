@@ -16,9 +16,17 @@ def time_stages(pipe, repeats: int = 3, warmup: int = 1, **call) -> dict:
     for stage in STAGES:
         per_run = [statistics.median(r.timings[stage]) for r in runs if stage in r.timings]
         if per_run:
-            out[stage] = {"median_s": statistics.median(per_run), "min_s": min(per_run), "max_s": max(per_run)}
+            out[stage] = {"median_s": statistics.median(per_run), "min_s": min(per_run), "max_s": max(per_run),
+                          "p10_s": percentile(per_run, 10), "p90_s": percentile(per_run, 90), "runs": len(per_run)}
     out["last_output"] = runs[-1]
     return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method)."""
+    import numpy as np
+
+    return float(np.percentile(values, q))
 
 
 def stage_rows(engine: dict, eager: dict, parity: dict) -> list[dict]:

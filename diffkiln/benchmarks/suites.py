@@ -1,0 +1,70 @@
+"""Benchmark suites: a declared matrix of model preset x resolution x steps x batch x backend x precision."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+from diffkiln.errors import DiffkilnError
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration. `batch` is images per call; CFG doubles the transformer batch."""
+
+    preset: str
+    backend: str  # onnxruntime | tensorrt | aoti
+    precision: str  # engine precision; eager runs the same dtype
+    height: int
+    width: int
+    steps: int
+    batch: int = 1
+    guidance: float = 4.5
+    device: str = "cpu"  # where eager (and aoti) run
+
+    @property
+    def engine_key(self) -> str:
+        return f"{self.preset}-{self.backend}-{self.device}-{self.precision}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    presets: tuple[str, ...]
+    backends: tuple[tuple[str, str, str], ...]  # (backend, precision, device)
+    resolutions: tuple[tuple[int, int], ...]
+    steps: tuple[int, ...]
+    batches: tuple[int, ...] = (1,)
+    repeats: int = 5
+    warmup: int = 1
+    needs_gpu: bool = False
+    notes: str = ""
+
+    def cases(self) -> list[Case]:
+        return [Case(p, b, prec, h, w, s, n, device=dev)
+                for p, (b, prec, dev), (h, w), s, n in
+                itertools.product(self.presets, self.backends, self.resolutions, self.steps, self.batches)]
+
+
+SUITES: dict[str, Suite] = {s.name: s for s in [
+    Suite("cpu-smoke", "tiny-sana on CPU, seconds: every number present (CI)", ("tiny-sana",),
+          (("onnxruntime", "fp32", "cpu"),), ((64, 64),), (4,), repeats=3),
+    Suite("cpu-small", "a mid-size Sana (sana-small-256) on 2 CPU cores, a few minutes", ("sana-small-256",),
+          (("onnxruntime", "fp32", "cpu"), ("aoti", "fp32", "cpu")), ((256, 256),), (10,), repeats=3),
+    Suite("gpu-sana", "Sana 0.6B / 1.6B at 1024 and 2048 px on one GPU, 20 steps", ("sana-600m-1024", "sana-1600m-1024"),
+          (("aoti", "bf16", "cuda"), ("tensorrt", "fp16", "cuda"), ("onnxruntime", "fp32", "cuda")),
+          ((1024, 1024), (2048, 2048)), (20,), repeats=3, needs_gpu=True,
+          notes="TensorRT-RTX has no SM90 target: on H100/H200 only full TensorRT builds there; "
+                "onnxruntime needs onnxruntime-gpu"),
+]}
+
+
+def get_suite(name: str) -> Suite:
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise DiffkilnError(f"Unknown benchmark suite {name!r}; available: {', '.join(SUITES)}") from None
