@@ -52,7 +52,8 @@ def cmd_build(args) -> None:
     if args.backend == "aoti":
         from diffkiln.engines.aoti import AotiBuildConfig
 
-        aoti = AotiBuildConfig(device=args.device, precision=args.precision or "fp32", max_autotune=args.max_autotune)
+        aoti = AotiBuildConfig(device=args.device, precision=args.precision or "fp32", max_autotune=args.max_autotune,
+                               fused_linear_attention=args.fused_linear_attention)
     elif args.backend == "onnxruntime" and args.precision:
         raise DiffkilnError("--precision applies to --backend tensorrt and aoti; for onnxruntime use --dtype")
     build(args.model, args.out, backend=args.backend, submodels=args.submodels, dtype=args.dtype,
@@ -154,6 +155,8 @@ def parser() -> argparse.ArgumentParser:
     g = sp.add_argument_group("aoti", "AOTInductor packages (.pt2) compiled by torch")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--max-autotune", action="store_true", help="autotune kernels (slower build)")
+    g.add_argument("--fused-linear-attention", action="store_true",
+                   help="swap in diffkiln's fused linear-attention op (Triton kernel on CUDA)")
     g = sp.add_argument_group("tensorrt", "TensorRT engines per GPU SKU (TensorRT-RTX builds them without a GPU)")
     g.add_argument("--sku", help="GPU SKUs, comma-separated: sm75,sm80,sm86,sm89,sm120,sm121 (TensorRT-RTX targets)")
     g.add_argument("--static", action="store_true", help="fix batch and resolution (default: the declared dynamic ranges)")

@@ -38,12 +38,14 @@ class TensorSpec:
 
 @dataclass
 class SubmodelSpec:
-    """A submodel's I/O contract: tensors plus the [min, max] range of each named dynamic dim."""
+    """A submodel's I/O contract: tensors, the [min, max] range of each named dynamic dim, and the
+    dims that must be a multiple of something (latent sides of a transformer with patch size 2)."""
 
     name: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     dims: dict[str, tuple[int, int]]
+    multiples: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         self.inputs = [t if isinstance(t, TensorSpec) else TensorSpec(**t) for t in self.inputs]
@@ -60,6 +62,7 @@ class SubmodelSpec:
             "inputs": [asdict(t) for t in self.inputs],
             "outputs": [asdict(t) for t in self.outputs],
             "dims": {k: list(v) for k, v in self.dims.items()},
+            "multiples": dict(self.multiples),
         }
 
 

@@ -112,6 +112,18 @@ def test_corrupted_package_refused(tmp_path):
         check_loadable(bad, torch.__version__)
 
 
+def test_fused_linear_attention_package(tmp_path):
+    """The transformer with diffkiln's fused op swapped in (a torch custom op inside the package)."""
+    from diffkiln.engines.aoti import AotiBuildConfig
+    from diffkiln.engines.build import build
+
+    m = build("tiny-sana", tmp_path / "e", backend="aoti", submodels=["transformer"],
+              aoti=AotiBuildConfig(fused_linear_attention=True))
+    e = m.engine("aoti", "cpu", "fp32")
+    assert e.options["fused_linear_attention"] is True and e.options["fused_modules"]["transformer"] >= 1
+    assert max(r["max_abs"] for r in e.parity["transformer"]) < 1e-4  # vs the unmodified diffusers transformer
+
+
 def test_config_errors():
     from diffkiln.engines.aoti import AotiBuildConfig
 

@@ -7,6 +7,7 @@ was compiled for, and the torch version: all three are checked before a package 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import zipfile
@@ -32,6 +33,7 @@ class AotiBuildConfig:
     device: str = "cpu"
     precision: str = "fp32"
     max_autotune: bool = False  # inductor's autotuned kernels: slower builds, faster engines (mostly CUDA)
+    fused_linear_attention: bool = False  # diffkiln::relu_linear_attention (Triton on CUDA, torch reference on CPU)
     version: int = 1
 
     def __post_init__(self):
@@ -84,10 +86,14 @@ def check_loadable(path: Path, built_with_torch: str) -> dict:
 
 
 def dynamic_shapes(spec: SubmodelSpec) -> tuple:
-    """torch.export dynamic_shapes from the declared dim ranges: one `Dim` per name, shared across inputs."""
+    """torch.export dynamic_shapes from the declared dim ranges: one `Dim` per name, shared across inputs;
+    a dim that must be a multiple of m is m x a `Dim` (latent sides of a patch-size-2 transformer)."""
     from torch.export import Dim
 
-    dims = {d: Dim(d, min=lo, max=hi) for d, (lo, hi) in spec.dims.items()}
+    dims = {}
+    for d, (lo, hi) in spec.dims.items():
+        m = spec.multiples.get(d, 1)
+        dims[d] = Dim(d, min=lo, max=hi) if m == 1 else m * Dim(f"{d}_over_{m}", min=-(-lo // m), max=hi // m)
     return tuple({ax: dims[d] for ax, d in enumerate(t.shape) if isinstance(d, str)} or None for t in spec.inputs)
 
 
@@ -119,16 +125,27 @@ def build_aoti(model, root: Path, config: AotiBuildConfig, names=None) -> Engine
     subs = sana_submodels(model, names)
     entry = EngineEntry("aoti", config.precision, config.device, files={},
                         options={"build_config": config.to_dict(), "torch": torch.__version__,
-                                 "fused_linear_attention": False},  # no fused op exists yet (plugins)
+                                 "fused_linear_attention": config.fused_linear_attention},
                         tool_versions={"torch": torch.__version__})
     folder = root / ENGINE_DIR / f"{config.device}-{config.precision}"
     folder.mkdir(parents=True, exist_ok=True)
     for name, sub in progress(subs.items(), total=len(subs), desc="aoti compile"):
         path = folder / f"{name}.pt2"
+        if config.fused_linear_attention:
+            import copy
+
+            from diffkiln.plugins.linear_attention import use_fused_linear_attention
+
+            reference_module = sub.module
+            sub = dataclasses.replace(sub, module=copy.deepcopy(sub.module))
+            entry.options.setdefault("fused_modules", {})[name] = use_fused_linear_attention(sub.module)
+        else:
+            reference_module = sub.module
         facts = compile_submodel(sub, path, config)
         rel = str(path.relative_to(root))
         engine = AotiEngine(path, sub.spec, torch.__version__)
-        entry.parity[name] = check_parity(sub, EagerEngine(sub.module, sub.spec, device=config.device), engine)
+        # parity against the unmodified diffusers modules, whatever was swapped in
+        entry.parity[name] = check_parity(sub, EagerEngine(reference_module, sub.spec, device=config.device), engine)
         entry.files[name] = [rel]
         entry.options[name] = facts
         entry.build_seconds[name] = round(facts["export_seconds"] + facts["compile_seconds"], 3)

@@ -36,6 +36,10 @@ def check_feeds(spec: SubmodelSpec, feeds: dict) -> None:
                     f"{where} | Received shape {shape}: {want}={got} is out of this engine's range. "
                     f"Note: expected {want} in [{lo}, {hi}]"
                 )
+            m = spec.multiples.get(want, 1)
+            if got % m:
+                raise DiffkilnError(f"{where} | Received shape {shape}: {want}={got} is not a multiple of {m}. "
+                                    f"Note: expected {want} in [{lo}, {hi}], a multiple of {m}")
             if bound.setdefault(want, got) != got:
                 raise DiffkilnError(f"{where} | Received {want}={got}, but another input has {want}={bound[want]}")
 

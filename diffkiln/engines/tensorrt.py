@@ -148,7 +148,7 @@ def select_engine_set(manifest: Manifest, gpu: Gpu | None, flavor: Flavor, preci
 def narrowed_spec(spec: SubmodelSpec, profile: dict) -> SubmodelSpec:
     """The submodel spec with each dim's range narrowed to the engine's optimization profile [min, max]."""
     dims = {k: (profile[k][0], profile[k][2]) if k in profile else v for k, v in spec.dims.items()}
-    return SubmodelSpec(spec.name, spec.inputs, spec.outputs, dims)
+    return SubmodelSpec(spec.name, spec.inputs, spec.outputs, dims, spec.multiples)
 
 
 class TensorRTEngine(Engine):

@@ -121,6 +121,7 @@ def sana_submodels(model: SanaModel, names=None) -> dict[str, Submodel]:
         D = tc["caption_channels"]
         Cout = tc.get("out_channels") or C
         sprint = bool(tc.get("guidance_embeds"))
+        patch = tc.get("patch_size", 1)
         inputs = [
             TensorSpec("latents", fdtype, ("batch", C, "latent_height", "latent_width")),
             TensorSpec("encoder_hidden_states", fdtype, ("batch", L, D)),
@@ -148,6 +149,7 @@ def sana_submodels(model: SanaModel, names=None) -> dict[str, Submodel]:
                 inputs=inputs,
                 outputs=[TensorSpec("noise_pred", fdtype, ("batch", Cout, "latent_height", "latent_width"))],
                 dims={"batch": batch, "latent_height": lat, "latent_width": lat},
+                multiples={d: patch for d in ("latent_height", "latent_width")} if patch > 1 else {},
             ),
             Transformer(model.transformer),
             sample_tr,
