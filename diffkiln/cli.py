@@ -103,6 +103,24 @@ def cmd_verify(args) -> None:
     _print_summary(args.engines)
 
 
+def cmd_calibrate(args) -> None:
+    from diffkiln.calibration.calibrate import CalibrationConfig, calibrate
+    from diffkiln.calibration.prompts import read_prompts, split
+    from diffkiln.models.sana import load_model
+
+    config = CalibrationConfig(precision=args.precision, method=args.method, percentile=args.percentile,
+                               num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                               include=tuple(args.include or ()), **({"exclude": tuple(args.exclude)} if args.exclude else {}))
+    calib_prompts, held_out = split(read_prompts(args.prompts))
+    model = load_model(args.model, ["text_encoder", "transformer"])
+    cal = calibrate(model, calib_prompts, config, args.output, source=str(args.prompts))
+    worst = sorted(cal.amax.items(), key=lambda kv: -kv[1]["max"])[:5]
+    print(f"wrote {args.output}: {len(cal.amax)} layers, {cal.meta['prompts']['count']} prompts x "
+          f"{cal.meta['sampler']['steps']} steps ({len(held_out)} prompts held out)")
+    for name, rec in worst:
+        print(f"  {name}: input amax max {rec['max']:.3g}, p{config.percentile} {rec['percentile']:.3g}, mse {rec['mse']:.3g}")
+
+
 def cmd_bench(args) -> None:
     from diffkiln.benchmarks.run import run_suite
     from diffkiln.benchmarks.suites import SUITES, get_suite
@@ -196,6 +214,21 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU; aoti: cpu|cuda)")
     sp.add_argument("--precision", help="engine set precision, when the directory holds several")
     sp.set_defaults(fn=cmd_verify)
+
+    sp = sub.add_parser("calibrate", help="collect per-layer activation ranges over calibration prompts (FP8/NVFP4 scales)")
+    sp.add_argument("model", help="preset name or a local diffusers folder")
+    sp.add_argument("--prompts", default="builtin", help="'builtin' (shipped set), a .txt (one per line) or .jsonl file")
+    sp.add_argument("--precision", default="fp8", choices=["fp8", "nvfp4"])
+    sp.add_argument("--method", default="max", choices=["max", "percentile", "mse"], help="default amax for builds (all are stored)")
+    sp.add_argument("--percentile", type=float, default=99.99)
+    sp.add_argument("--num-prompts", type=int, default=128)
+    sp.add_argument("--steps", type=int, help="sampler steps per prompt (default: the model's)")
+    sp.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--include", nargs="+", help="layer name patterns to quantize (fnmatch; default: all Linear / 1x1 conv)")
+    sp.add_argument("--exclude", nargs="+", help="layer name patterns kept in 16-bit (default: embedders, patch embed, proj_out, norms)")
+    sp.add_argument("-o", "--output", required=True, help="calibration directory (written atomically)")
+    sp.set_defaults(fn=cmd_calibrate)
 
     sp = sub.add_parser("bench", help="run a benchmark suite: engines vs eager PyTorch, same process; tables and plots")
     sp.add_argument("--suite", default="cpu-smoke", help="suite name (see --list)")

@@ -1,4 +1,1 @@
-"""Calibration: activation statistics over a prompt set -> FP8 / NVFP4 scales.
-
-Nothing lands here yet: calibration and quantized engines are tracked in their own issue.
-"""
+"""Calibration: activation statistics over a prompt set -> per-layer amax for FP8 / NVFP4 scales."""

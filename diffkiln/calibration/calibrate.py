@@ -1,0 +1,149 @@
+"""`diffkiln calibrate`: run the eager model over calibration prompts x the sampler's steps, collect per-layer
+activation statistics, and write a versioned calibration cache (safetensors + json).
+
+The sampler is the model's own diffusers pipeline (SanaPipeline / SanaSprintPipeline) with its
+default scheduler, so the transformer sees the activations of real denoising trajectories,
+classifier-free guidance batch included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from diffkiln.calibration.prompts import prompts_hash
+from diffkiln.calibration.stats import METHODS, Collector, quantizable_layers
+from diffkiln.errors import DiffkilnError
+from diffkiln.fileio import atomic_dir, atomic_write_json, sha256_file
+from diffkiln.progress import log, progress
+
+SCHEMA_VERSION = 1
+TENSORS = "calibration.safetensors"
+META = "calibration.json"
+PRECISIONS = ("fp8", "nvfp4")
+# Numerically sensitive layers kept in 16-bit by default: embedders, patch embedding, final projection, norms.
+DEFAULT_EXCLUDE = ("time_embed*", "caption_projection*", "patch_embed*", "proj_out*", "*norm*", "*guidance*")
+
+
+@dataclass
+class CalibrationConfig:
+    precision: str = "fp8"
+    method: str = "max"  # which amax quantized builds use by default; all three are stored
+    percentile: float = 99.99
+    num_prompts: int = 128
+    steps: int | None = None  # None: the model's default schedule
+    guidance: float | None = None
+    batch: int = 4
+    seed: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    version: int = 1
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise DiffkilnError(f"calibration precision {self.precision!r}; expected one of {PRECISIONS}")
+        if self.method not in METHODS:
+            raise DiffkilnError(f"calibration method {self.method!r}; expected one of {METHODS}")
+        if not 50 < self.percentile <= 100:
+            raise DiffkilnError(f"percentile {self.percentile}; expected (50, 100]")
+        if self.num_prompts < 1 or self.batch < 1:
+            raise DiffkilnError(f"num_prompts={self.num_prompts}, batch={self.batch}; both must be >= 1")
+        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+
+
+@dataclass
+class Calibration:
+    meta: dict
+    amax: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> {max, percentile, mse, weight}
+
+    def input_amax(self, layer: str, method: str | None = None) -> float:
+        try:
+            return self.amax[layer][method or self.meta["config"]["method"]]
+        except KeyError:
+            raise DiffkilnError(f"layer {layer!r} was not calibrated; calibrated layers: {len(self.amax)}") from None
+
+
+def calibrate(model, prompts: list[str], config: CalibrationConfig, out: str | Path, source: str = "") -> Calibration:
+    """Collect statistics for `model.transformer` over `prompts` (the first num_prompts) and write `out`."""
+    import torch
+
+    if model.transformer is None or model.text_encoder is None:
+        raise DiffkilnError("calibration runs the pipeline: load the model with text_encoder and transformer")
+    prompts = prompts[: config.num_prompts]
+    layers = quantizable_layers(model.transformer, config.include, config.exclude)
+    if not layers:
+        raise DiffkilnError(f"no Linear/1x1-conv layers match include={config.include} exclude={config.exclude}")
+    pipe = model.diffusers_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    p = model.preset
+    steps = config.steps or p.steps
+    guidance = p.guidance_scale if config.guidance is None else config.guidance
+    start = time.perf_counter()
+    batches = [prompts[i : i + config.batch] for i in range(0, len(prompts), config.batch)]
+    with Collector(layers, config.seed) as collector, torch.inference_mode():
+        for i, batch in enumerate(progress(batches, desc="calibrate")):
+            pipe(prompt=batch, num_inference_steps=steps, guidance_scale=guidance, height=p.height, width=p.width,
+                 generator=torch.Generator().manual_seed(config.seed + i), output_type="latent",
+                 use_resolution_binning=False, max_sequence_length=p.max_sequence_length)
+    seconds = time.perf_counter() - start
+    amax = {name: {"max": s.amax, "percentile": s.amax_for("percentile", config.percentile), "mse": s.amax_for("mse"),
+                   "weight": s.weight_amax, "calls": s.calls} for name, s in collector.stats.items()}
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"name": model.name, "source": model.source, "config_hash": model.config_hash()},
+        "config": asdict(config),
+        "prompts": {"source": source, "count": len(prompts), "hash": prompts_hash(prompts)},
+        "sampler": {"steps": steps, "guidance_scale": guidance, "height": p.height, "width": p.width},
+        "seconds": round(seconds, 2),
+        "layers": sorted(layers),
+    }
+    log(f"calibrated {len(layers)} layers over {len(prompts)} prompts x {steps} steps in {seconds:.1f}s")
+    save(Calibration(meta, amax), out)
+    return Calibration(meta, amax)
+
+
+def save(cal: Calibration, out: str | Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    with atomic_dir(out, overwrite=True) as tmp:
+        tensors = {f"{layer}.{k}": torch.tensor([float(v)], dtype=torch.float32)
+                   for layer, rec in cal.amax.items() for k, v in rec.items()}
+        save_file(tensors, str(tmp / TENSORS))
+        meta = {**cal.meta, "tensors_sha256": sha256_file(tmp / TENSORS)}
+        atomic_write_json(tmp / META, meta)
+
+
+def load_calibration(path: str | Path, model=None, precision: str | None = None) -> Calibration:
+    """Read a calibration cache; refuse another schema, a modified file, another model or precision."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / META).is_file() or not (path / TENSORS).is_file():
+        raise DiffkilnError(f"{path} is not a calibration directory ({META} and {TENSORS} expected); run `diffkiln calibrate`")
+    try:
+        meta = json.loads((path / META).read_text())
+    except json.JSONDecodeError as e:
+        raise DiffkilnError(f"{path / META} is corrupted: {e}") from None
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise DiffkilnError(f"{path}: calibration schema {meta.get('schema_version')!r}; this diffkiln reads {SCHEMA_VERSION}")
+    if sha256_file(path / TENSORS) != meta.get("tensors_sha256"):
+        raise DiffkilnError(f"{path / TENSORS} does not match its recorded sha256: modified or corrupted; recalibrate")
+    if model is not None and meta["model"]["config_hash"] != model.config_hash():
+        raise DiffkilnError(f"{path} was calibrated for {meta['model']['name']} (config {meta['model']['config_hash']}); "
+                            f"this model is {model.name} (config {model.config_hash()})")
+    if precision is not None and meta["config"]["precision"] != precision:
+        raise DiffkilnError(f"{path} holds {meta['config']['precision']} calibration; {precision} was asked for")
+    try:
+        tensors = load_file(str(path / TENSORS))
+    except SafetensorError as e:
+        raise DiffkilnError(f"{path / TENSORS} could not be read: {e}") from None
+    amax: dict[str, dict[str, float]] = {}
+    for key, t in tensors.items():
+        layer, k = key.rsplit(".", 1)
+        amax.setdefault(layer, {})[k] = float(t[0])
+    return Calibration(meta, amax)

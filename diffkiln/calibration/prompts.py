@@ -1,0 +1,55 @@
+"""Calibration prompt sets: the one shipped with diffkiln, or a user's .txt (one per line) / .jsonl file.
+
+Every set is split the same way: each 5th prompt (indices 4, 9, ...) is held out for quality
+reports and never used to compute scales.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from diffkiln.errors import DiffkilnError
+
+BUILTIN = Path(__file__).with_name("prompts.txt")
+JSONL_KEYS = ("prompt", "caption", "text")
+
+
+def read_prompts(source: str | Path = "builtin") -> list[str]:
+    path = BUILTIN if str(source) == "builtin" else Path(source)
+    if not path.is_file():
+        raise DiffkilnError(f"prompt file {path} does not exist (give a .txt with one prompt per line, a .jsonl, or 'builtin')")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        prompts = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DiffkilnError(f"{path}:{i}: not valid JSON ({e})") from None
+            key = next((k for k in JSONL_KEYS if isinstance(rec, dict) and k in rec), None)
+            if key is None:
+                raise DiffkilnError(f"{path}:{i}: no prompt field; expected one of {JSONL_KEYS}")
+            prompts.append(str(rec[key]).strip())
+    elif path.suffix in (".txt", ""):
+        prompts = [line.strip() for line in text.splitlines()]
+    else:
+        raise DiffkilnError(f"{path}: unsupported prompt file type {path.suffix!r}; expected .txt or .jsonl")
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise DiffkilnError(f"{path} holds no prompts")
+    return prompts
+
+
+def split(prompts: list[str]) -> tuple[list[str], list[str]]:
+    """(calibration, held-out): each 5th prompt is held out."""
+    held = [p for i, p in enumerate(prompts) if i % 5 == 4]
+    calib = [p for i, p in enumerate(prompts) if i % 5 != 4]
+    return calib, held
+
+
+def prompts_hash(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]

@@ -1,0 +1,113 @@
+"""Calibration: prompt sets, activation statistics over real denoising steps, the versioned cache and its checks."""
+
+import json
+
+import pytest
+import torch
+
+from diffkiln.errors import DiffkilnError
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    from diffkiln.calibration.calibrate import CalibrationConfig, calibrate
+    from diffkiln.calibration.prompts import read_prompts, split
+    from diffkiln.models.sana import load_model
+
+    model = load_model("tiny-sana", ["text_encoder", "transformer"])
+    out = tmp_path_factory.mktemp("calib") / "c"
+    cal = calibrate(model, split(read_prompts())[0], CalibrationConfig(num_prompts=4, steps=2, batch=2), out, source="builtin")
+    return model, cal, out
+
+
+def test_builtin_prompts_and_split():
+    from diffkiln.calibration.prompts import read_prompts, split
+
+    prompts = read_prompts("builtin")
+    assert len(prompts) >= 300 and len(set(prompts)) == len(prompts)
+    calib, held = split(prompts)
+    assert len(held) == len(prompts) // 5 and not set(calib) & set(held)
+
+
+def test_user_prompt_files(tmp_path):
+    from diffkiln.calibration.prompts import read_prompts
+
+    (tmp_path / "p.txt").write_text("a red circle\n\n  a blue square  \n")
+    assert read_prompts(tmp_path / "p.txt") == ["a red circle", "a blue square"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"caption": "b"}\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["a", "b"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"title": "b"}\n')
+    with pytest.raises(DiffkilnError, match=r"bad.jsonl:2: no prompt field; expected one of \('prompt', 'caption', 'text'\)"):
+        read_prompts(tmp_path / "bad.jsonl")
+    with pytest.raises(DiffkilnError, match=r"unsupported prompt file type '.csv'"):
+        (tmp_path / "p.csv").write_text("x")
+        read_prompts(tmp_path / "p.csv")
+
+
+def test_statistics_cover_the_quantizable_layers(calib):
+    model, cal, _ = calib
+    layers = cal.meta["layers"]
+    # every transformer-block GEMM, none of the sensitive layers kept in 16-bit by default
+    assert any(".attn1.to_q" in n for n in layers) and any(".ff." in n for n in layers)
+    assert not any(n.startswith(("time_embed", "caption_projection", "patch_embed", "proj_out")) for n in layers)
+    steps, cfg_batches = cal.meta["sampler"]["steps"], 2  # 4 prompts in batches of 2
+    for name, rec in cal.amax.items():
+        assert rec["calls"] == steps * cfg_batches, (name, rec)  # one call per step per batch (CFG batched)
+        assert 0 < rec["mse"] <= rec["max"] and 0 < rec["percentile"] <= rec["max"] and rec["weight"] > 0, (name, rec)
+
+
+def test_cache_roundtrip_and_refusals(calib, tmp_path):
+    import shutil
+
+    from diffkiln.calibration.calibrate import load_calibration
+    from diffkiln.models.sana import load_model
+
+    model, cal, out = calib
+    again = load_calibration(out, model, "fp8")
+    name = cal.meta["layers"][0]
+    assert again.input_amax(name) == pytest.approx(cal.amax[name]["max"])
+    assert again.input_amax(name, "mse") == pytest.approx(cal.amax[name]["mse"])
+    with pytest.raises(DiffkilnError, match=r"holds fp8 calibration; nvfp4 was asked for"):
+        load_calibration(out, precision="nvfp4")
+    other = load_model("tiny-sana-sprint", ["transformer"])
+    with pytest.raises(DiffkilnError, match=r"was calibrated for tiny-sana \(config \w+\); this model is tiny-sana-sprint"):
+        load_calibration(out, other)
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    data = bytearray((bad / "calibration.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (bad / "calibration.safetensors").write_bytes(bytes(data))
+    with pytest.raises(DiffkilnError, match=r"does not match its recorded sha256: modified or corrupted"):
+        load_calibration(bad)
+    meta = json.loads((out / "calibration.json").read_text())
+    meta["schema_version"] = 99
+    (bad / "calibration.json").write_text(json.dumps(meta))
+    with pytest.raises(DiffkilnError, match=r"calibration schema 99; this diffkiln reads 1"):
+        load_calibration(bad)
+    with pytest.raises(DiffkilnError, match=r"layer 'nope' was not calibrated"):
+        again.input_amax("nope")
+
+
+def test_mse_amax_is_the_least_error_clipping():
+    from diffkiln.calibration.stats import mse_amax
+    from diffkiln.plugins.formats import E4M3_MAX, fp8_e4m3_round
+
+    def err(sample, c):
+        scale = c / E4M3_MAX
+        return float(((fp8_e4m3_round(sample.clamp(max=c) / scale) * scale - sample) ** 2).mean())
+
+    g = torch.Generator().manual_seed(0)
+    for sample in (torch.randn(8192, generator=g).abs(), torch.distributions.StudentT(1.5).sample((8192,)).abs()):
+        amax = float(sample.max())
+        best = mse_amax(sample, amax)
+        assert amax / 16 <= best <= amax
+        assert err(sample, best) <= err(sample, amax) and err(sample, best) <= err(sample, amax / 4)
+
+
+def test_config_errors():
+    from diffkiln.calibration.calibrate import CalibrationConfig
+
+    with pytest.raises(DiffkilnError, match=r"calibration precision 'int8'; expected one of \('fp8', 'nvfp4'\)"):
+        CalibrationConfig(precision="int8")
+    with pytest.raises(DiffkilnError, match=r"calibration method 'entropy'"):
+        CalibrationConfig(method="entropy")
