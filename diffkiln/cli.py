@@ -45,7 +45,7 @@ def cmd_build(args) -> None:
             skus=args.sku, precision=args.precision or "fp16", mode="static" if args.static else "dynamic",
             static_height=args.static_height, static_width=args.static_width, static_batch=args.static_batch,
             optimization_level=args.opt_level, workspace_gib=args.workspace_gib, jobs=args.jobs,
-            cache_dir=args.cache_dir, use_cache=not args.no_cache)
+            cache_dir=args.cache_dir, use_cache=not args.no_cache, calibration=args.calibration)
     elif args.sku:
         raise DiffkilnError("--sku applies to --backend tensorrt")
     aoti = None
@@ -54,10 +54,9 @@ def cmd_build(args) -> None:
 
         aoti = AotiBuildConfig(device=args.device, precision=args.precision or "fp32", max_autotune=args.max_autotune,
                                fused_linear_attention=args.fused_linear_attention)
-    elif args.backend == "onnxruntime" and args.precision:
-        raise DiffkilnError("--precision applies to --backend tensorrt and aoti; for onnxruntime use --dtype")
     build(args.model, args.out, backend=args.backend, submodels=args.submodels, dtype=args.dtype,
-          overwrite=args.overwrite, tensorrt=trt, aoti=aoti)
+          overwrite=args.overwrite, tensorrt=trt, aoti=aoti, precision=args.precision if args.backend == "onnxruntime" else None,
+          calibration=args.calibration)
     print(f"wrote {args.out}")
     _print_summary(args.out)
 
@@ -121,6 +120,17 @@ def cmd_calibrate(args) -> None:
         print(f"  {name}: input amax max {rec['max']:.3g}, p{config.percentile} {rec['percentile']:.3g}, mse {rec['mse']:.3g}")
 
 
+def cmd_quality(args) -> None:
+    from diffkiln.benchmarks.quality import compare_engine_sets
+    from diffkiln.calibration.prompts import read_prompts, split
+
+    held_out = split(read_prompts(args.prompts))[1][: args.num_prompts]
+    r = compare_engine_sets(args.engines, args.precision, args.reference, held_out, args.output, steps=args.steps,
+                            seed=args.seed, backend=args.backend)
+    print(f"{args.precision} vs {args.reference} on {r['prompts']} held-out prompts: mean PSNR {r['mean_psnr_db']:.1f} dB, "
+          f"min {r['min_psnr_db']:.1f} dB, max abs {r['max_abs']:.3g}; wrote {args.output}/quality.json, quality.png")
+
+
 def cmd_bench(args) -> None:
     from diffkiln.benchmarks.run import run_suite
     from diffkiln.benchmarks.suites import SUITES, get_suite
@@ -169,7 +179,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
     model_args(sp)
     sp.add_argument("--precision", choices=["fp32", "fp16", "bf16", "fp8", "nvfp4"],
-                    help="engine precision: tensorrt (default fp16), aoti (default fp32)")
+                    help="engine precision: tensorrt (default fp16), aoti (default fp32), onnxruntime (fp8 only; else --dtype)")
+    sp.add_argument("--calibration", help="calibration directory for fp8 (from `diffkiln calibrate`)")
     g = sp.add_argument_group("aoti", "AOTInductor packages (.pt2) compiled by torch")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--max-autotune", action="store_true", help="autotune kernels (slower build)")
@@ -229,6 +240,18 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--exclude", nargs="+", help="layer name patterns kept in 16-bit (default: embedders, patch embed, proj_out, norms)")
     sp.add_argument("-o", "--output", required=True, help="calibration directory (written atomically)")
     sp.set_defaults(fn=cmd_calibrate)
+
+    sp = sub.add_parser("quality", help="compare one engine set's images with another's on held-out prompts")
+    sp.add_argument("engines", help="engine directory")
+    sp.add_argument("--precision", default="fp8", help="the candidate engine set's precision")
+    sp.add_argument("--reference", default="fp32", help="the reference engine set's precision")
+    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
+    sp.add_argument("--prompts", default="builtin", help="prompt set; its held-out part is used")
+    sp.add_argument("--num-prompts", type=int, default=16)
+    sp.add_argument("--steps", type=int)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("-o", "--output", default="quality", help="where quality.json and quality.png go")
+    sp.set_defaults(fn=cmd_quality)
 
     sp = sub.add_parser("bench", help="run a benchmark suite: engines vs eager PyTorch, same process; tables and plots")
     sp.add_argument("--suite", default="cpu-smoke", help="suite name (see --list)")

@@ -19,12 +19,15 @@ PRECISION_DTYPE = {v: k for k, v in DTYPE_PRECISION.items()}
 
 
 def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", submodels=None,
-          dtype: str | None = None, overwrite: bool = False, tensorrt=None, aoti=None) -> Manifest:
+          dtype: str | None = None, overwrite: bool = False, tensorrt=None, aoti=None,
+          precision: str | None = None, calibration: str | Path | None = None) -> Manifest:
     """Build `backend` engines for `source` into `out`.
 
     `tensorrt`: a `TensorRTBuildConfig` (required for backend "tensorrt"), `aoti`: an `AotiBuildConfig`
     (default: CPU fp32); their precision picks the export dtype. `dtype` is the export dtype for
-    "onnxruntime" (default float32).
+    "onnxruntime" (default float32). FP8 (`precision="fp8"` for onnxruntime, or a TensorRT config with
+    precision fp8) needs a calibration directory (`diffkiln calibrate`): the transformer gets FP8 Q/DQ
+    on top of a float32 (onnxruntime) or float16 (tensorrt) export.
     """
     if backend not in BUILDABLE:
         raise DiffkilnError(f"Backend {backend!r} is not supported by `build`; supported: {BUILDABLE}")
@@ -37,20 +40,28 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
 
         flavor = load_flavor()
         check_request(flavor, tensorrt)  # refuse impossible requests before exporting anything
-        dtype = PRECISION_DTYPE[tensorrt.precision]
+        precision = tensorrt.precision
+        calibration = calibration or tensorrt.calibration
+        dtype = "float16" if precision == "fp8" else PRECISION_DTYPE[precision]
     if backend == "aoti":
         from diffkiln.engines.aoti import AotiBuildConfig
 
         aoti = aoti or AotiBuildConfig()
         dtype = PRECISION_DTYPE[aoti.precision]
+    if precision not in (None, "fp8") and backend == "onnxruntime":
+        raise DiffkilnError(f"onnxruntime precision {precision!r}: use --dtype for float32/float16; --precision takes fp8")
+    fp8 = precision == "fp8" and backend in ("onnxruntime", "tensorrt")
+    if fp8 and calibration is None:
+        raise DiffkilnError("fp8 engines need calibration scales: run `diffkiln calibrate MODEL -o DIR`, then pass --calibration DIR")
     dtype = dtype or "float32"
+    base_precision = DTYPE_PRECISION[dtype]
     src = Path(source)
     from_dir = (src / MANIFEST).is_file()
     if from_dir:
         manifest = read_manifest(src, verify=True)
         if backend == "tensorrt":
             try:
-                manifest.engine("onnxruntime", precision=tensorrt.precision)
+                manifest.engine("onnxruntime", precision=base_precision if fp8 else tensorrt.precision)
             except DiffkilnError as e:
                 raise DiffkilnError(f"{e}. Export at that precision first: diffkiln export MODEL DIR --dtype {dtype}") from e
         if backend == "onnxruntime":
@@ -61,10 +72,11 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
     with atomic_dir(out, overwrite=overwrite or same) as tmp:
         if from_dir:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-            if backend == "aoti":
+            if backend == "aoti" or fp8:
                 from diffkiln.engines.verify import source_model
 
-                model = source_model(manifest, submodels or list(manifest.submodels), dtype)
+                names = ["transformer"] if fp8 else submodels or list(manifest.submodels)
+                model = source_model(manifest, names, dtype)
         else:
             from diffkiln.export.pipeline import export_into, new_manifest, write_runtime_files
             from diffkiln.models.sana import SUBMODELS, load_model
@@ -76,6 +88,12 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
                 manifest = new_manifest(model, sana_submodels(model), [])
             else:
                 manifest = export_into(model, tmp)
+        if fp8:
+            from diffkiln.calibration.calibrate import load_calibration
+            from diffkiln.export.quantize import add_fp8_engine_set
+
+            cal = load_calibration(calibration, model, "fp8")
+            add_fp8_engine_set(tmp, manifest, model, cal, base_precision)
         if backend == "tensorrt":
             from diffkiln.engines.tensorrt_build import add_tensorrt_engines
 

@@ -24,7 +24,7 @@ from diffkiln.fileio import atomic_write_bytes, sha256_json
 from diffkiln.manifest import EngineEntry, Manifest
 from diffkiln.progress import log, progress
 
-BUILDABLE_PRECISIONS = ("fp32", "fp16")
+BUILDABLE_PRECISIONS = ("fp32", "fp16", "fp8")
 MODES = ("dynamic", "static")
 ENGINE_DIR = "tensorrt"
 # Host memory a build takes, per byte of ONNX (weights): measured 8 GB for the 2.4 GB Sana-600M fp32 graph.
@@ -51,6 +51,7 @@ class TensorRTBuildConfig:
     jobs: int | None = None  # parallel builds; None: as many as SKUs, limited by host memory
     cache_dir: str | None = None  # None: $DIFFKILN_CACHE_DIR/tensorrt or ~/.cache/diffkiln/tensorrt
     use_cache: bool = True
+    calibration: str | None = None  # calibration directory, for fp8
     version: int = 1
 
     def __post_init__(self):
@@ -88,10 +89,12 @@ def check_request(flavor: Flavor, config: TensorRTBuildConfig) -> None:
                 f"pip install 'diffkiln[tensorrt]' and set DIFFKILN_TENSORRT=tensorrt_rtx"
             )
     check_precision(config.skus, config.precision, list(flavor.aot_targets) or None)
+    if config.precision == "fp8" and not config.calibration:
+        raise DiffkilnError("fp8 TensorRT engines need calibration scales: run `diffkiln calibrate MODEL -o DIR`, "
+                            "then pass --calibration DIR")
     if config.precision not in BUILDABLE_PRECISIONS:
         raise DiffkilnError(
-            f"{config.precision} TensorRT engines are not buildable by this diffkiln yet: quantized precisions "
-            f"need calibration scales; buildable: {BUILDABLE_PRECISIONS}"
+            f"{config.precision} TensorRT engines are not buildable by this diffkiln yet; buildable: {BUILDABLE_PRECISIONS}"
         )
 
 

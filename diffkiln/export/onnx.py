@@ -137,6 +137,20 @@ def _save(model, path: Path) -> list[str]:
     return [path.name]
 
 
+def save_model(model, path: Path, external: bool) -> list[str]:
+    """Write an in-memory model atomically, its weights in `<name>.onnx.data` when `external`; returns the files."""
+    import onnx
+
+    if not external:
+        return _save(model, path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.save-") as tmp:
+        onnx.save_model(model, str(Path(tmp) / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+        os.replace(Path(tmp) / f"{path.name}.data", path.parent / f"{path.name}.data")
+        os.replace(Path(tmp) / path.name, path)
+    return [path.name, f"{path.name}.data"]
+
+
 def _all_tensors(graph):
     """Initializers and Constant/attribute tensors (the exporter externalizes both), subgraphs included."""
     yield from graph.initializer
