@@ -3,15 +3,12 @@ model swap, ONNX custom nodes and their lowering."""
 
 import copy
 import io
-import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.run import run_script
 import torch
 
 from diffkiln.plugins import formats as fmt
@@ -26,12 +23,7 @@ KERNEL_TOL = {"torch.float32": 1e-5, "torch.float16": 2 * 2.0**-10, "torch.bfloa
 
 
 def run_checks(mode: str, interpret: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, str(CHECKS), mode], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_script("linear_checks.py", mode, interpret)
 
 
 def sqnr_db(approx, exact) -> float:

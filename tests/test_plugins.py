@@ -1,14 +1,11 @@
 """Plugins: number formats, the fused ReLU linear-attention op (Triton kernel, torch op, ONNX custom op + lowering)."""
 
 import copy
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.run import run_script
 import torch
 
 from diffkiln.plugins import formats as fmt
@@ -18,12 +15,7 @@ pytest.importorskip("triton", reason="Triton is part of diffkiln[full]")
 
 
 def run_checks(mode: str, interpret: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, str(CHECKS), mode], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_script("triton_checks.py", mode, interpret)
 
 
 # -- formats ----------------------------------------------------------------------------------------------

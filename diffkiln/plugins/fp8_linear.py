@@ -92,20 +92,10 @@ def fp8_linear_triton(x, w_bits, w_scale, x_scale, bias=None):
 @functools.lru_cache(maxsize=None)
 def register_op():
     """Register `diffkiln::fp8_linear` once; returns the op."""
+    from diffkiln.plugins.ops import register_custom_op
 
-    @torch.library.custom_op(OP, mutates_args=(), schema=SCHEMA)
-    def fp8_linear(x, w_bits, w_scale, x_scale, bias):
-        check_args(x, w_bits, w_scale, x_scale, bias)
-        if x.device.type == "cuda":
-            return fp8_linear_triton(x, w_bits, w_scale, x_scale, bias)
-        return reference(x, w_bits, w_scale, x_scale, bias).contiguous()
-
-    @fp8_linear.register_fake
-    def _(x, w_bits, w_scale, x_scale, bias):
-        check_args(x, w_bits, w_scale, x_scale, bias)
-        return x.new_empty((*x.shape[:-1], w_bits.shape[0]))  # contiguous, like both real kernels' outputs
-
-    return torch.ops.diffkiln.fp8_linear.default
+    return register_custom_op(OP, SCHEMA, fp8_linear_triton, reference,
+                              lambda x, w_bits, *_: (*x.shape[:-1], w_bits.shape[0]), check_args)
 
 
 # -- module, calibration, model swap ---------------------------------------------------------------------

@@ -93,19 +93,10 @@ def triton_cdiv(a: int, b: int) -> int:
 @functools.lru_cache(maxsize=None)
 def register_op():
     """Register `diffkiln::relu_linear_attention` once; returns the op."""
-    import torch
+    from diffkiln.plugins.ops import register_custom_op
 
-    @torch.library.custom_op(OP, mutates_args=(), schema="(Tensor q, Tensor k, Tensor v, float eps) -> Tensor")
-    def relu_linear_attention(q, k, v, eps):
-        if q.device.type == "cuda":
-            return linear_attention_triton(q, k, v, eps)
-        return reference(q, k, v, eps).contiguous()
-
-    @relu_linear_attention.register_fake
-    def _(q, k, v, eps):
-        return q.new_empty(q.shape)  # contiguous, like both real kernels' outputs (q may be a strided view)
-
-    return torch.ops.diffkiln.relu_linear_attention.default
+    return register_custom_op(OP, "(Tensor q, Tensor k, Tensor v, float eps) -> Tensor", linear_attention_triton,
+                              reference, lambda q, k, v, eps: q.shape)  # q may be a strided view; outputs are not
 
 
 # -- processors: swap the op into diffusers' Sana modules ------------------------------------------------

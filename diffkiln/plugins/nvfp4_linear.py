@@ -125,20 +125,10 @@ def nvfp4_linear_triton(x, packed, scales, global_scale, bias=None):
 @functools.lru_cache(maxsize=None)
 def register_op():
     """Register `diffkiln::nvfp4_linear` once; returns the op."""
+    from diffkiln.plugins.ops import register_custom_op
 
-    @torch.library.custom_op(OP, mutates_args=(), schema=SCHEMA)
-    def nvfp4_linear(x, packed, scales, global_scale, bias):
-        check_args(x, packed, scales, global_scale, bias)
-        if x.device.type == "cuda":
-            return nvfp4_linear_triton(x, packed, scales, global_scale, bias)
-        return reference(x, packed, scales, global_scale, bias).contiguous()
-
-    @nvfp4_linear.register_fake
-    def _(x, packed, scales, global_scale, bias):
-        check_args(x, packed, scales, global_scale, bias)
-        return x.new_empty((*x.shape[:-1], packed.shape[0]))  # contiguous, like both real kernels' outputs
-
-    return torch.ops.diffkiln.nvfp4_linear.default
+    return register_custom_op(OP, SCHEMA, nvfp4_linear_triton, reference,
+                              lambda x, packed, *_: (*x.shape[:-1], packed.shape[0]), check_args)
 
 
 # -- module and model swap ---------------------------------------------------------------------------------
