@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from diffkiln.engines.skus import PRECISIONS, SKUS, check_precision, parse_skus
