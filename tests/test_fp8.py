@@ -57,8 +57,13 @@ def test_fp8_pipeline_quality_report(fp8_engines, tmp_path):
 
     held = split(read_prompts())[1][:4]
     r = compare_engine_sets(fp8_engines, "fp8", "fp32", held, tmp_path, steps=4)
-    assert r["prompts"] == 4 and r["min_psnr_db"] > 25, r
+    assert r["prompts"] == 4 and r["min_psnr_db"] > 25 and r["min_ssim"] > 0.9, r
     saved = json.loads((tmp_path / "quality.json").read_text())
+    assert "| prompt | seed | PSNR dB | SSIM | max abs |" in (tmp_path / "quality.md").read_text()
+    from diffkiln.manifest import read_manifest
+
+    stored = read_manifest(fp8_engines, verify=True).engine("onnxruntime", precision="fp8").options["quality_report"]
+    assert stored["mean_psnr_db"] == r["mean_psnr_db"] and stored["prompts"] == 4
     assert [x["prompt"] for x in saved["images"]] == held
     from PIL import Image
 

@@ -12,13 +12,30 @@ from pathlib import Path
 
 import numpy as np
 
-from diffkiln.fileio import atomic_write_json
+from diffkiln.fileio import atomic_write_bytes, atomic_write_json
 from diffkiln.progress import log, progress
 
 
 def psnr(ref: np.ndarray, out: np.ndarray) -> float | None:
     mse = float(np.mean((ref.astype(np.float64) - out.astype(np.float64)) ** 2))
     return None if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def ssim(ref: np.ndarray, out: np.ndarray, window: int = 7) -> float:
+    """Mean structural similarity of two [H, W, 3] images in [0, 1] (uniform window, per channel, as in Wang et al.)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    c1, c2 = 0.01**2, 0.03**2
+    scores = []
+    for ch in range(ref.shape[-1]):
+        a = sliding_window_view(ref[..., ch].astype(np.float64), (window, window))
+        b = sliding_window_view(out[..., ch].astype(np.float64), (window, window))
+        ma, mb = a.mean((-1, -2)), b.mean((-1, -2))
+        va, vb = a.var((-1, -2), ddof=1), b.var((-1, -2), ddof=1)
+        cov = ((a - ma[..., None, None]) * (b - mb[..., None, None])).sum((-1, -2)) / (window * window - 1)
+        s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+        scores.append(s.mean())
+    return float(np.mean(scores))
 
 
 def compare_engine_sets(root: str | Path, candidate: str, reference: str, prompts: list[str], out: str | Path,
@@ -35,17 +52,41 @@ def compare_engine_sets(root: str | Path, candidate: str, reference: str, prompt
         a, b = ref_pipe(**call).images[0], cand_pipe(**call).images[0]
         refs.append(a)
         cands.append(b)
-        rows.append({"prompt": prompt, "seed": seed + i, "max_abs": float(np.abs(a - b).max()), "psnr_db": psnr(a, b)})
+        rows.append({"prompt": prompt, "seed": seed + i, "max_abs": float(np.abs(a - b).max()), "psnr_db": psnr(a, b),
+                     "ssim": ssim(a, b)})
     finite = [r["psnr_db"] for r in rows if r["psnr_db"] is not None]
     report = {
         "engines": str(root), "backend": backend, "candidate": candidate, "reference": reference,
         "prompts": len(prompts), "steps": steps, "seconds": round(time.perf_counter() - start, 2),
         "mean_psnr_db": float(np.mean(finite)) if finite else None, "min_psnr_db": min(finite) if finite else None,
-        "max_abs": max(r["max_abs"] for r in rows), "images": rows,
+        "max_abs": max(r["max_abs"] for r in rows), "mean_ssim": float(np.mean([r["ssim"] for r in rows])),
+        "min_ssim": min(r["ssim"] for r in rows), "images": rows,
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "quality.json", report)
+    atomic_write_bytes(out / "quality.md", markdown(report).encode())
+    record_in_manifest(root, backend, candidate, {k: v for k, v in report.items() if k != "images"})
     save_png(grid(to_pil(np.stack(refs + cands)), cols=len(refs)), out / "quality.png")
     log(f"{candidate} vs {reference}: mean PSNR {report['mean_psnr_db']} dB over {len(prompts)} held-out prompts")
     return report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# {report['candidate']} vs {report['reference']} ({report['backend']}), {report['prompts']} held-out prompts",
+             "", f"mean PSNR {report['mean_psnr_db']:.2f} dB (min {report['min_psnr_db']:.2f}), mean SSIM "
+             f"{report['mean_ssim']:.4f} (min {report['min_ssim']:.4f}), max abs {report['max_abs']:.3g}", "",
+             "| prompt | seed | PSNR dB | SSIM | max abs |", "|---|---:|---:|---:|---:|"]
+    for r in report["images"]:
+        p = "—" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}"
+        lines.append(f"| {r['prompt']} | {r['seed']} | {p} | {r['ssim']:.4f} | {r['max_abs']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def record_in_manifest(root, backend: str, precision: str, summary: dict) -> None:
+    """Store the summary in the candidate engine set's options (`quality_report`), rewriting the manifest atomically."""
+    from diffkiln.manifest import read_manifest
+
+    manifest = read_manifest(root, verify=False)
+    manifest.engine(backend, precision=precision).options["quality_report"] = summary
+    manifest.write(Path(root))

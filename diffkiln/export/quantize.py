@@ -110,12 +110,14 @@ def sqnr_db(ref, out) -> float:
     return float("inf") if noise == 0 else float(10 * np.log10(np.mean(ref.astype(np.float64) ** 2) / noise))
 
 
-def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, method: str | None = None):
+def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, method: str | None = None,
+                       layers: list[str] | None = None):
     """Add the engine set onnxruntime/any/fp8 to the engine directory being written at `root`.
 
     The transformer's ONNX (from the `base_precision` set) gets FP8 Q/DQ pairs from `calibration`;
     the other submodels are shared with the base set. Parity: ONNX Runtime vs the eager transformer
     with the same fake quantization; quality: vs the unquantized eager transformer (SQNR, cosine).
+    `layers`: the calibrated layers to quantize (a sensitivity plan); default all of them.
     """
     import copy
     import time
@@ -136,7 +138,10 @@ def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, 
     if "transformer" not in base.files:
         raise DiffkilnError("FP8 quantizes the transformer: the base engine set has none")
     start = time.perf_counter()
-    layers = calibration.meta["layers"]
+    layers = calibration.meta["layers"] if layers is None else list(layers)
+    unknown = sorted(set(layers) - set(calibration.meta["layers"]))
+    if unknown:
+        raise DiffkilnError(f"{len(unknown)} layers to quantize were not calibrated (e.g. {unknown[:3]})")
     scales = fp8_scales(calibration, layers, method)
     src = root / base.files["transformer"][0]
     quantized, done = insert_fp8_qdq(onnx.load(str(src)), scales, "/transformer/")
