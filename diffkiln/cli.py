@@ -56,7 +56,7 @@ def cmd_build(args) -> None:
                                fused_linear_attention=args.fused_linear_attention)
     build(args.model, args.out, backend=args.backend, submodels=args.submodels, dtype=args.dtype,
           overwrite=args.overwrite, tensorrt=trt, aoti=aoti, precision=args.precision if args.backend == "onnxruntime" else None,
-          calibration=args.calibration)
+          calibration=args.calibration, plan=args.plan)
     print(f"wrote {args.out}")
     _print_summary(args.out)
 
@@ -120,6 +120,22 @@ def cmd_calibrate(args) -> None:
         print(f"  {name}: input amax max {rec['max']:.3g}, p{config.percentile} {rec['percentile']:.3g}, mse {rec['mse']:.3g}")
 
 
+def cmd_sensitivity(args) -> None:
+    from diffkiln.calibration.calibrate import load_calibration
+    from diffkiln.calibration.sensitivity import save_plan, sweep
+    from diffkiln.models.sana import load_model
+
+    model = load_model(args.model, ["text_encoder", "transformer", "vae_decoder"])
+    cal = load_calibration(args.calibration, model, args.precision)
+    result = sweep(model, cal, args.precision, budget_db=args.budget_db)
+    save_plan(result, args.output)
+    print(f"{'block':<24} SQNR dB (only this block in {args.precision})")
+    for b in result["blocks"]:
+        print(f"{b['block']:<24} {b['sqnr_db']:.2f}")
+    print(f"all quantized: {result['sqnr_db_all']:.2f} dB; plan: {len(result['plan']['keep'])} blocks kept in 16-bit -> "
+          f"{result['sqnr_db_plan']:.2f} dB (budget {args.budget_db} dB); wrote {args.output}")
+
+
 def cmd_quality(args) -> None:
     from diffkiln.benchmarks.quality import compare_engine_sets
     from diffkiln.calibration.prompts import read_prompts, split
@@ -179,8 +195,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
     model_args(sp)
     sp.add_argument("--precision", choices=["fp32", "fp16", "bf16", "fp8", "nvfp4"],
-                    help="engine precision: tensorrt (default fp16), aoti (default fp32), onnxruntime (fp8 only; else --dtype)")
-    sp.add_argument("--calibration", help="calibration directory for fp8 (from `diffkiln calibrate`)")
+                    help="engine precision: tensorrt (default fp16), aoti (default fp32), onnxruntime (fp8/nvfp4; else --dtype)")
+    sp.add_argument("--calibration", help="calibration directory for fp8 / nvfp4 (from `diffkiln calibrate`)")
+    sp.add_argument("--plan", help="sensitivity plan (from `diffkiln sensitivity`): quantize only its layers")
     g = sp.add_argument_group("aoti", "AOTInductor packages (.pt2) compiled by torch")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--max-autotune", action="store_true", help="autotune kernels (slower build)")
@@ -240,6 +257,14 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--exclude", nargs="+", help="layer name patterns kept in 16-bit (default: embedders, patch embed, proj_out, norms)")
     sp.add_argument("-o", "--output", required=True, help="calibration directory (written atomically)")
     sp.set_defaults(fn=cmd_calibrate)
+
+    sp = sub.add_parser("sensitivity", help="quantize one transformer block at a time; propose a plan meeting an SQNR budget")
+    sp.add_argument("model", help="preset name or a local diffusers folder")
+    sp.add_argument("--calibration", required=True, help="calibration directory (diffkiln calibrate)")
+    sp.add_argument("--precision", default="fp8", choices=["fp8", "nvfp4"])
+    sp.add_argument("--budget-db", type=float, default=30.0, help="transformer output SQNR the plan must keep (dB)")
+    sp.add_argument("-o", "--output", default="plan.json", help="the plan (JSON); pass it to build --plan")
+    sp.set_defaults(fn=cmd_sensitivity)
 
     sp = sub.add_parser("quality", help="compare one engine set's images with another's on held-out prompts")
     sp.add_argument("engines", help="engine directory")

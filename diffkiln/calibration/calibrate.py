@@ -76,6 +76,7 @@ def calibrate(model, prompts: list[str], config: CalibrationConfig, out: str | P
     if not layers:
         raise DiffkilnError(f"no Linear/1x1-conv layers match include={config.include} exclude={config.exclude}")
     pipe = model.diffusers_pipeline()
+    pipe.vae_scale_factor = model.vae_scale_factor  # without a VAE loaded diffusers assumes 32: wrong latent size
     pipe.set_progress_bar_config(disable=True)
     p = model.preset
     steps = config.steps or p.steps

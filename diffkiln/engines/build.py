@@ -16,18 +16,20 @@ from diffkiln.manifest import DTYPE_PRECISION, MANIFEST, Manifest, read_manifest
 
 BUILDABLE = ("onnxruntime", "tensorrt", "aoti")
 PRECISION_DTYPE = {v: k for k, v in DTYPE_PRECISION.items()}
+QUANTIZED = ("fp8", "nvfp4")  # precisions built from a calibration on top of a 32/16-bit export
 
 
 def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", submodels=None,
           dtype: str | None = None, overwrite: bool = False, tensorrt=None, aoti=None,
-          precision: str | None = None, calibration: str | Path | None = None) -> Manifest:
+          precision: str | None = None, calibration: str | Path | None = None, plan: str | Path | None = None) -> Manifest:
     """Build `backend` engines for `source` into `out`.
 
     `tensorrt`: a `TensorRTBuildConfig` (required for backend "tensorrt"), `aoti`: an `AotiBuildConfig`
     (default: CPU fp32); their precision picks the export dtype. `dtype` is the export dtype for
-    "onnxruntime" (default float32). FP8 (`precision="fp8"` for onnxruntime, or a TensorRT config with
-    precision fp8) needs a calibration directory (`diffkiln calibrate`): the transformer gets FP8 Q/DQ
-    on top of a float32 (onnxruntime) or float16 (tensorrt) export.
+    "onnxruntime" (default float32). FP8 / NVFP4 (`precision=` for onnxruntime, or a TensorRT config
+    with that precision) need a calibration directory (`diffkiln calibrate`): the transformer is
+    quantized on top of a float32 (onnxruntime) or float16 (tensorrt) export; `plan` (a sensitivity
+    plan from `diffkiln sensitivity`) limits it to the plan's layers.
     """
     if backend not in BUILDABLE:
         raise DiffkilnError(f"Backend {backend!r} is not supported by `build`; supported: {BUILDABLE}")
@@ -42,17 +44,20 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
         check_request(flavor, tensorrt)  # refuse impossible requests before exporting anything
         precision = tensorrt.precision
         calibration = calibration or tensorrt.calibration
-        dtype = "float16" if precision == "fp8" else PRECISION_DTYPE[precision]
+        dtype = "float16" if precision in QUANTIZED else PRECISION_DTYPE[precision]
     if backend == "aoti":
         from diffkiln.engines.aoti import AotiBuildConfig
 
         aoti = aoti or AotiBuildConfig()
         dtype = PRECISION_DTYPE[aoti.precision]
-    if precision not in (None, "fp8") and backend == "onnxruntime":
-        raise DiffkilnError(f"onnxruntime precision {precision!r}: use --dtype for float32/float16; --precision takes fp8")
-    fp8 = precision == "fp8" and backend in ("onnxruntime", "tensorrt")
-    if fp8 and calibration is None:
-        raise DiffkilnError("fp8 engines need calibration scales: run `diffkiln calibrate MODEL -o DIR`, then pass --calibration DIR")
+    if precision not in (None, *QUANTIZED) and backend == "onnxruntime":
+        raise DiffkilnError(f"onnxruntime precision {precision!r}: use --dtype for float32/float16; --precision takes {QUANTIZED}")
+    quantized = precision in QUANTIZED and backend in ("onnxruntime", "tensorrt")
+    if quantized and calibration is None:
+        raise DiffkilnError(f"{precision} engines need calibration scales: run `diffkiln calibrate MODEL --precision "
+                            f"{precision} -o DIR`, then pass --calibration DIR")
+    if plan is not None and not quantized:
+        raise DiffkilnError("a sensitivity plan applies to fp8 / nvfp4 builds")
     dtype = dtype or "float32"
     base_precision = DTYPE_PRECISION[dtype]
     src = Path(source)
@@ -61,7 +66,7 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
         manifest = read_manifest(src, verify=True)
         if backend == "tensorrt":
             try:
-                manifest.engine("onnxruntime", precision=base_precision if fp8 else tensorrt.precision)
+                manifest.engine("onnxruntime", precision=base_precision if quantized else tensorrt.precision)
             except DiffkilnError as e:
                 raise DiffkilnError(f"{e}. Export at that precision first: diffkiln export MODEL DIR --dtype {dtype}") from e
         if backend == "onnxruntime":
@@ -72,10 +77,10 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
     with atomic_dir(out, overwrite=overwrite or same) as tmp:
         if from_dir:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-            if backend == "aoti" or fp8:
+            if backend == "aoti" or quantized:
                 from diffkiln.engines.verify import source_model
 
-                names = ["transformer"] if fp8 else submodels or list(manifest.submodels)
+                names = ["transformer"] if quantized else submodels or list(manifest.submodels)
                 model = source_model(manifest, names, dtype)
         else:
             from diffkiln.export.pipeline import export_into, new_manifest, write_runtime_files
@@ -88,12 +93,23 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
                 manifest = new_manifest(model, sana_submodels(model), [])
             else:
                 manifest = export_into(model, tmp)
-        if fp8:
+        if quantized:
             from diffkiln.calibration.calibrate import load_calibration
-            from diffkiln.export.quantize import add_fp8_engine_set
 
-            cal = load_calibration(calibration, model, "fp8")
-            add_fp8_engine_set(tmp, manifest, model, cal, base_precision)
+            cal = load_calibration(calibration, model, precision)
+            layers = None
+            if plan is not None:
+                from diffkiln.calibration.sensitivity import load_plan
+
+                layers = load_plan(plan, model, precision)["plan"]["quantize"]
+            if precision == "fp8":
+                from diffkiln.export.quantize import add_fp8_engine_set
+
+                add_fp8_engine_set(tmp, manifest, model, cal, base_precision, layers=layers)
+            else:
+                from diffkiln.export.nvfp4 import add_nvfp4_engine_set
+
+                add_nvfp4_engine_set(tmp, manifest, model, cal, base_precision, layers=layers)
         if backend == "tensorrt":
             from diffkiln.engines.tensorrt_build import add_tensorrt_engines
 

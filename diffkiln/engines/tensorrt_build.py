@@ -24,7 +24,7 @@ from diffkiln.fileio import atomic_write_bytes, sha256_json
 from diffkiln.manifest import EngineEntry, Manifest
 from diffkiln.progress import log, progress
 
-BUILDABLE_PRECISIONS = ("fp32", "fp16", "fp8")
+BUILDABLE_PRECISIONS = ("fp32", "fp16", "fp8", "nvfp4")
 MODES = ("dynamic", "static")
 ENGINE_DIR = "tensorrt"
 # Host memory a build takes, per byte of ONNX (weights): measured 8 GB for the 2.4 GB Sana-600M fp32 graph.
@@ -89,9 +89,9 @@ def check_request(flavor: Flavor, config: TensorRTBuildConfig) -> None:
                 f"pip install 'diffkiln[tensorrt]' and set DIFFKILN_TENSORRT=tensorrt_rtx"
             )
     check_precision(config.skus, config.precision, list(flavor.aot_targets) or None)
-    if config.precision == "fp8" and not config.calibration:
-        raise DiffkilnError("fp8 TensorRT engines need calibration scales: run `diffkiln calibrate MODEL -o DIR`, "
-                            "then pass --calibration DIR")
+    if config.precision in ("fp8", "nvfp4") and not config.calibration:
+        raise DiffkilnError(f"{config.precision} TensorRT engines need calibration scales: run `diffkiln calibrate "
+                            "MODEL -o DIR`, then pass --calibration DIR")
     if config.precision not in BUILDABLE_PRECISIONS:
         raise DiffkilnError(
             f"{config.precision} TensorRT engines are not buildable by this diffkiln yet; buildable: {BUILDABLE_PRECISIONS}"
@@ -194,7 +194,9 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     if config.use_cache:
         cache_dir.mkdir(parents=True, exist_ok=True)
-    onnx_bytes = {name: sum(manifest.files[f]["bytes"] for f in files) for name, files in onnx.files.items()}
+    # a quantized set may keep a TensorRT-specific graph beside the one ONNX Runtime runs (NVFP4: FP4 types)
+    sources = {**onnx.files, **({"transformer": onnx.options["tensorrt_onnx_files"]} if "tensorrt_onnx_files" in onnx.options else {})}
+    onnx_bytes = {name: sum(manifest.files[f]["bytes"] for f in files) for name, files in sources.items()}
     jobs = [(sku, name) for sku in config.skus for name in onnx.files]
     workers = _jobs(config, max(onnx_bytes.values()), len(jobs))
     log(f"{flavor.name} {flavor.version}: {len(jobs)} engines ({', '.join(config.skus)} x {', '.join(onnx.files)}), "
@@ -205,7 +207,7 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
     def one(job):
         sku, name = job
         spec = manifest.submodels[name]
-        key = sha256_json({"onnx": [manifest.files[f]["sha256"] for f in onnx.files[name]], "flavor": flavor.name,
+        key = sha256_json({"onnx": [manifest.files[f]["sha256"] for f in sources[name]], "flavor": flavor.name,
                            "version": flavor.version, "sku": sku, "profile": profs[name],
                            "opt": config.optimization_level, "workspace": config.workspace_gib})[:32]
         cached = cache_dir / f"{name}-{sku}-{key}.engine"
@@ -216,7 +218,7 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
         if config.use_cache and cached.is_file():
             shutil.copyfile(cached, dst)
             return sku, name, rel, time.perf_counter() - start, True
-        data = build_engine(flavor, root / onnx.files[name][0], {t.name: t.shape for t in spec.inputs}, profs[name],
+        data = build_engine(flavor, root / sources[name][0], {t.name: t.shape for t in spec.inputs}, profs[name],
                             sku, config, cache_dir / f"timing-{flavor.name}-{flavor.version}-{sku}.cache"
                             if config.use_cache else None)
         atomic_write_bytes(dst, data)

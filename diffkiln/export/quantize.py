@@ -120,6 +120,7 @@ def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, 
     `layers`: the calibrated layers to quantize (a sensitivity plan); default all of them.
     """
     import copy
+    import dataclasses
     import time
     from pathlib import Path
 
@@ -147,7 +148,8 @@ def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, 
     quantized, done = insert_fp8_qdq(onnx.load(str(src)), scales, "/transformer/")
     files = save_model(quantized, root / "transformer.fp8.onnx", external=len(base.files["transformer"]) > 1)
     sub = sana_submodels(model, ["transformer"])["transformer"]
-    reference = EagerEngine(copy.deepcopy(sub.module), sub.spec)
+    reference = EagerEngine(sub.module, sub.spec)
+    sub = dataclasses.replace(sub, module=copy.deepcopy(sub.module))  # the caller's model keeps its weights
     handles = fake_quantize_fp8(sub.module.transformer, scales)
     engine = OnnxRuntimeEngine(root / files[0], sub.spec)
     parity = check_parity(sub, EagerEngine(sub.module, sub.spec), engine)

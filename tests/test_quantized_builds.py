@@ -92,3 +92,52 @@ def test_fp8_needs_a_matching_calibration(calib, tmp_path):
     with pytest.raises(DiffkilnError, match=r"was calibrated for tiny-sana .*this model is tiny-sana-sprint"):
         build("tiny-sana-sprint", tmp_path / "b", precision="fp8", calibration=calib)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def nvfp4_calib(tmp_path_factory):
+    from diffkiln.calibration.calibrate import CalibrationConfig, calibrate
+    from diffkiln.calibration.prompts import read_prompts, split
+    from diffkiln.models.sana import load_model
+
+    out = tmp_path_factory.mktemp("calib") / "nvfp4"
+    calibrate(load_model("tiny-sana", ["text_encoder", "transformer"]), split(read_prompts())[0],
+              CalibrationConfig(precision="nvfp4", num_prompts=4, steps=2, batch=2), out)
+    return out
+
+
+def test_sensitivity_plan_applied_by_build(nvfp4_calib, tmp_path, capsys):
+    """diffkiln sensitivity -> plan.json -> build --plan: only the plan's layers are quantized, the budget holds."""
+    from diffkiln.cli import main
+    from diffkiln.manifest import read_manifest
+
+    plan_path = tmp_path / "plan.json"
+    assert main(["sensitivity", "tiny-sana", "--calibration", str(nvfp4_calib), "--precision", "nvfp4",
+                 "--budget-db", "19", "-o", str(plan_path)]) == 0
+    assert "all quantized:" in capsys.readouterr().out
+    plan = json.loads(plan_path.read_text())
+    assert plan["sqnr_db_plan"] >= 19 and 0 < len(plan["plan"]["quantize"]) < len(plan["blocks"]) * 100
+    assert main(["build", "--precision", "nvfp4", "--calibration", str(nvfp4_calib), "--plan", str(plan_path),
+                 "tiny-sana", str(tmp_path / "e")]) == 0
+    e = read_manifest(tmp_path / "e", verify=True).engine("onnxruntime", precision="nvfp4")
+    assert sorted(e.options["quantized_layers"]) == sorted(plan["plan"]["quantize"])
+    assert min(r["cosine"] for r in e.parity["transformer"]) > 0.9999  # ORT vs eager fake-quant, fp32 base
+    assert min(q["sqnr_db"] for q in e.options["quality_vs_unquantized"]) > 15
+
+
+def test_nvfp4_tensorrt_engines_for_sm120_only(nvfp4_calib, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX is part of diffkiln[full]")
+    from diffkiln.engines.build import build
+    from diffkiln.engines.tensorrt_build import TensorRTBuildConfig
+
+    with pytest.raises(DiffkilnError, match=r"nvfp4 is not supported on sm89 .*can target: sm120, sm121"):
+        build("tiny-sana", tmp_path / "x", backend="tensorrt",
+              tensorrt=TensorRTBuildConfig(["sm89"], "nvfp4", calibration=str(nvfp4_calib)))
+    m = build("tiny-sana", tmp_path / "trt", backend="tensorrt",
+              tensorrt=TensorRTBuildConfig(["sm120"], "nvfp4", use_cache=False, calibration=str(nvfp4_calib)))
+    src = m.engine("onnxruntime", precision="nvfp4")
+    assert src.options["tensorrt_onnx"] == "transformer.nvfp4.trt.onnx"
+    e = m.engine("tensorrt", "sm120", "nvfp4")
+    assert m.files[e.files["transformer"][0]]["bytes"] > 100_000
+    with pytest.raises(DiffkilnError, match=r"holds nvfp4 calibration; fp8 was asked for"):
+        build("tiny-sana", tmp_path / "y", precision="fp8", calibration=nvfp4_calib)
