@@ -102,6 +102,16 @@ def cmd_verify(args) -> None:
     _print_summary(args.engines)
 
 
+def cmd_train_tiny(args) -> None:
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared 2-core machine
+    from diffkiln.models.shapes.train import train_tiny
+
+    facts = train_tiny(args.output, seed=args.seed, minutes=args.minutes, steps=args.steps, resume=not args.fresh)
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in facts.items() if not isinstance(v, (dict, list))))
+
+
 def cmd_calibrate(args) -> None:
     from diffkiln.calibration.calibrate import CalibrationConfig, calibrate
     from diffkiln.calibration.prompts import read_prompts, split
@@ -242,6 +252,14 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU; aoti: cpu|cuda)")
     sp.add_argument("--precision", help="engine set precision, when the directory holds several")
     sp.set_defaults(fn=cmd_verify)
+
+    sp = sub.add_parser("train-tiny", help="train the built-in tiny Sana on the procedural shapes dataset (CPU, ~30 min)")
+    sp.add_argument("-o", "--output", default="tiny-train", help="checkpoint + weights directory (resumable)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--minutes", type=float, help="stop after this many minutes (resume later)")
+    sp.add_argument("--steps", type=int, help="total steps (25%% autoencoder, 75%% transformer; default 1500 + 5000)")
+    sp.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    sp.set_defaults(fn=cmd_train_tiny)
 
     sp = sub.add_parser("calibrate", help="collect per-layer activation ranges over calibration prompts (FP8/NVFP4 scales)")
     sp.add_argument("model", help="preset name or a local diffusers folder")

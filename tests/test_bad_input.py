@@ -18,7 +18,7 @@ def pipe(tiny_engines):
 
 
 def test_resolution_not_multiple_of_stride(pipe):
-    with pytest.raises(DiffkilnError, match=r"height=66 is not a multiple of 4.*nearest allowed: 64 or 68"):
+    with pytest.raises(DiffkilnError, match=r"height=66 is not a multiple of 16, this model's pixel stride; nearest allowed: 64 or 80"):
         pipe(prompt=PROMPT, height=66, width=64, num_inference_steps=1)
 
 

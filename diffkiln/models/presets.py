@@ -115,6 +115,9 @@ class Preset:
     max_batch: int = 2
     seed: int = 0
     extra_vocab: tuple[str, ...] = field(default=())
+    # Trained transformer + DC-AE weights: a safetensors file in diffkiln/models/weights/ (keys prefixed
+    # "transformer." and "vae."). None: seeded random weights. The text encoder is always seeded random.
+    weights: str | None = None
 
     def __post_init__(self):
         if self.family not in ("sana", "sana-sprint"):
@@ -127,19 +130,23 @@ TINY_WORDS = (
     "left right top bottom center middle background photo painting of sunset city street night day"
 ).split()
 
+# tiny-sana is trained (diffkiln/models/shapes/train.py) to draw the procedural scenes of
+# diffkiln/models/shapes/dataset.py. Hidden 192 = 6 heads x 32, 6 layers, patch 4 -> 4x4 tokens at
+# 64x64 px: Sana has no positional embedding, tokens learn where they are from the zero padding of
+# the Mix-FFN's 3x3 convolution, which reaches every token of a 4x4 grid within two layers.
 TINY_TRANSFORMER = dict(
     in_channels=8,
     out_channels=8,
-    num_attention_heads=2,
+    num_attention_heads=6,
     attention_head_dim=32,
-    num_layers=2,
-    num_cross_attention_heads=2,
+    num_layers=6,
+    num_cross_attention_heads=6,
     cross_attention_head_dim=32,
-    cross_attention_dim=64,
+    cross_attention_dim=192,
     caption_channels=64,
     mlp_ratio=2.5,
     sample_size=16,
-    patch_size=1,
+    patch_size=4,
     norm_elementwise_affine=False,
     norm_eps=1e-6,
 )
@@ -149,8 +156,8 @@ TINY_DCAE = dict(
     attention_head_dim=8,
     encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock"],
     decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock"],
-    encoder_block_out_channels=[16, 32, 32],
-    decoder_block_out_channels=[16, 32, 32],
+    encoder_block_out_channels=[16, 32, 64],
+    decoder_block_out_channels=[16, 32, 64],
     encoder_layers_per_block=[1, 1, 1],
     decoder_layers_per_block=[1, 1, 1],
     encoder_qkv_multiscales=[[], [], [5]],
@@ -159,7 +166,9 @@ TINY_DCAE = dict(
     downsample_block_type="Conv",
     decoder_norm_types="rms_norm",
     decoder_act_fns="silu",
-    scaling_factor=0.41407,
+    # 1 / std of the trained tiny DC-AE's latents over the shapes dataset (train.py measures it;
+    # it must equal the "scaling_factor" recorded in diffkiln/models/weights/tiny-sana.safetensors)
+    scaling_factor=0.3645149767398834,
 )
 TINY_GEMMA2 = dict(
     vocab_size=512,
@@ -192,27 +201,61 @@ TINY = dict(
     extra_vocab=tuple(TINY_WORDS),
 )
 
+# A mid-size Sana for CPU benchmarks (minutes on 2 cores): 8 layers, hidden 384, 4-level DC-AE f8c16, 4-layer Gemma2.
+SMALL = dict(
+    transformer=dict(in_channels=16, out_channels=16, num_attention_heads=12, attention_head_dim=32, num_layers=8,
+                     num_cross_attention_heads=6, cross_attention_head_dim=64, cross_attention_dim=384,
+                     caption_channels=256, mlp_ratio=2.5, sample_size=32, patch_size=1, norm_elementwise_affine=False,
+                     norm_eps=1e-6),
+    vae=dict(TINY_DCAE, latent_channels=16, attention_head_dim=16,
+             encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
+             decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
+             encoder_block_out_channels=[32, 64, 128, 128], decoder_block_out_channels=[32, 64, 128, 128],
+             encoder_layers_per_block=[1, 1, 1, 1], decoder_layers_per_block=[1, 1, 1, 1],
+             encoder_qkv_multiscales=[[], [], [5], [5]], decoder_qkv_multiscales=[[], [], [5], [5]], scaling_factor=1.0),
+    text_encoder=dict(TINY_GEMMA2, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64),
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset(
             name="tiny-sana",
-            description="2-layer Sana transformer, 3-level DC-AE (f4c8), 2-layer Gemma2; seeded random weights",
+            description="6-layer Sana transformer (patch 4), 3-level DC-AE (f4c8), 2-layer Gemma2 (seeded random); "
+                        "transformer and DC-AE trained to draw captioned shapes scenes (diffkiln.models.shapes)",
             family="sana",
             transformer=TINY_TRANSFORMER,
             scheduler=FLOW_DPM,
             steps=10,
+            weights="tiny-sana.safetensors",
             **TINY,
         ),
         Preset(
             name="tiny-sana-sprint",
-            description="tiny-sana with SANA-Sprint's transformer options (guidance embedding, qk-norm) and sCM sampler",
+            description="tiny-sana's architecture with SANA-Sprint's transformer options (guidance embedding, qk-norm) "
+                        "and sCM sampler; seeded random weights",
             family="sana-sprint",
             transformer={**TINY_TRANSFORMER, "qk_norm": "rms_norm_across_heads", "guidance_embeds": True,
                          "guidance_embeds_scale": 0.1, "timestep_scale": 1000.0},
             scheduler=SCM,
             steps=2,
             **TINY,
+        ),
+        Preset(
+            name="sana-small-256",
+            description="mid-size Sana for CPU benchmarks: 8 layers, hidden 384; DC-AE f8c16; 4-layer Gemma2; 256 px",
+            family="sana",
+            scheduler=FLOW_DPM,
+            steps=10,
+            max_sequence_length=120,
+            height=256,
+            width=256,
+            min_pixels=128,
+            max_pixels=512,
+            max_batch=2,
+            extra_vocab=tuple(TINY_WORDS),
+            **SMALL,
         ),
         Preset(
             name="sana-600m-1024",

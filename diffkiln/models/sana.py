@@ -18,6 +18,7 @@ from diffkiln.models.tokenizer import build_word_tokenizer
 
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")
 PIPELINE_CLASSES = {"SanaPipeline": "sana", "SanaSprintPipeline": "sana-sprint"}
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # trained weights of presets that have them (safetensors)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # transformers config keys that say nothing about the architecture
 GENERIC_CONFIG_KEYS = {"transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
@@ -166,12 +167,46 @@ def _build_modules(model: SanaModel, submodels, dtype, seed: int) -> None:
         torch.manual_seed(seed)
         cfg = Gemma2Config(**model.text_encoder_config, attn_implementation="eager")
         model.text_encoder = _cast(Gemma2Model(cfg), dtype)
+    built = {}
     if "transformer" in submodels:
         torch.manual_seed(seed + 1)
-        model.transformer = _cast(SanaTransformer2DModel(**model.transformer_config), dtype)
+        built["transformer"] = SanaTransformer2DModel(**model.transformer_config)
     if "vae_decoder" in submodels:
         torch.manual_seed(seed + 2)
-        model.vae = _cast(AutoencoderDC(**model.vae_config), dtype)
+        built["vae"] = AutoencoderDC(**model.vae_config)
+    if built and model.preset.weights:
+        _load_preset_weights(model, built)
+    for attr, module in built.items():
+        setattr(model, attr, _cast(module, dtype))
+
+
+def preset_weights_path(preset: Preset) -> Path:
+    return WEIGHTS_DIR / preset.weights
+
+
+def _load_preset_weights(model: SanaModel, modules: dict) -> None:
+    """Trained weights shipped in the package: one safetensors file, keys prefixed "transformer." / "vae.".
+
+    Its metadata records the DC-AE latent scaling factor the transformer was trained with; it must
+    equal the preset's (the runtime divides latents by the preset's value)."""
+    from safetensors import safe_open
+
+    path = preset_weights_path(model.preset)
+    if not path.is_file():
+        raise DiffkilnError(f"preset {model.name}: trained weights {path} are missing from this install")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    trained = json.loads(meta.get("scaling_factor", "null"))
+    preset_sf = model.vae_config.get("scaling_factor")
+    if trained is None or preset_sf is None or abs(trained - preset_sf) > 1e-6 * abs(trained):
+        raise DiffkilnError(f"{path}: trained with vae scaling_factor {trained}, but preset {model.name} says {preset_sf}")
+    for attr, module in modules.items():
+        prefix = attr + "."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state:
+            raise DiffkilnError(f"{path}: no {prefix}* weights")
+        module.load_state_dict(state, strict=True)
 
 
 def _preset_tokenizer(preset: Preset):
