@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--keep", help="keep the engine directory here instead of deleting it")
     ap.add_argument("--tensorrt-sku", help="also build TensorRT engines for these SKUs (e.g. sm89)")
+    ap.add_argument("--calibration", help="calibration directory: build fp8 TensorRT engines (export --dtype float16)")
     args = ap.parse_args()
 
     from diffkiln.export.pipeline import export_pipeline
@@ -46,7 +47,9 @@ def main() -> None:
         del model
         rss_export = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         t2 = time.perf_counter()
-        config = TensorRTBuildConfig(skus=args.tensorrt_sku, precision=DTYPE_PRECISION[args.dtype], use_cache=False)
+        precision = "fp8" if args.calibration else DTYPE_PRECISION[args.dtype]
+        config = TensorRTBuildConfig(skus=args.tensorrt_sku, precision=precision, use_cache=False,
+                                     calibration=args.calibration)
         manifest = build(out, out, backend="tensorrt", tensorrt=config)
         trt_s = time.perf_counter() - t2
     else:
@@ -70,7 +73,13 @@ def main() -> None:
     }
     kind = "export"
     if args.tensorrt_sku:
-        kind = "tensorrt"
+        kind = "tensorrt-fp8" if args.calibration else "tensorrt"
+        if args.calibration:
+            fp8 = manifest.engine("onnxruntime", precision="fp8")
+            result["fp8"] = {k: fp8.options[k] for k in ("quality_vs_unquantized", "calibration", "scheme")}
+            result["fp8"]["quantized_layers"] = len(fp8.options["quantized_layers"])
+            result["fp8"]["parity_vs_fake_quant"] = fp8.parity["transformer"]
+            result["fp8"]["onnx_bytes"] = sum(manifest.files[f]["bytes"] for f in fp8.files["transformer"])
         result["peak_rss_gib_until_export_done"] = round(rss_export, 2)
         result["tensorrt_seconds_including_copy_and_hashing"] = round(trt_s, 1)
         result["tensorrt"] = {
