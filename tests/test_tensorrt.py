@@ -108,7 +108,7 @@ def no_export(monkeypatch):
     ("sm75", "bf16", r"bf16 is not supported on sm75 \(Turing\)"),
     ("sm89,sm90", "fp16", r"tensorrt_rtx .* cannot build for sm90 \(Hopper .*\); it targets sm75, sm80, sm86, sm89, sm120, sm121"),
     ("sm89", "fp8", r"fp8 TensorRT engines need calibration scales: run `diffkiln calibrate MODEL -o DIR`"),
-    ("sm120", "nvfp4", r"nvfp4 TensorRT engines are not buildable by this diffkiln yet; buildable: \(.fp32., .fp16., .fp8.\)"),
+    ("sm120", "nvfp4", r"nvfp4 TensorRT engines need calibration scales: run `diffkiln calibrate"),
 ])
 def test_impossible_requests_refused_before_any_export(skus, precision, message, tmp_path, no_export):
     from diffkiln.engines.build import build
