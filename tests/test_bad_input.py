@@ -159,3 +159,21 @@ def test_interrupted_export_leaves_nothing(tiny, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export_pipeline(tiny, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); results must still be readable by others."""
+    import os
+    import stat
+
+    from diffkiln.fileio import atomic_dir, atomic_write_json
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
