@@ -25,7 +25,7 @@ Two graph forms:
 from __future__ import annotations
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.export.quantize import GEMM_OPS, layer_of, sqnr_db
+from diffkiln.export.quantize import GEMM_OPS, calibration_facts, layer_of, measure_quantized
 from diffkiln.plugins.formats import E2M1_MAX, NVFP4_BLOCK, nvfp4_dequantize, nvfp4_quantize
 from diffkiln.plugins.nvfp4_activations import nvfp4_fake_quantize_activations, nvfp4_global_scale
 
@@ -341,7 +341,6 @@ def add_nvfp4_engine_set(root, manifest, model, calibration, base_precision: str
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
     from diffkiln.export.onnx import save_model
-    from diffkiln.export.parity import check_parity, compare
     from diffkiln.manifest import EngineEntry
     from diffkiln.models.submodels import sana_submodels
     from diffkiln.progress import log
@@ -375,27 +374,19 @@ def add_nvfp4_engine_set(root, manifest, model, calibration, base_precision: str
     mods = dict(sub.module.transformer.named_modules())
     saved = {n: mods[n].weight.detach().clone() for n in chosen}  # the caller's model is left unquantized
     handles = fake_quantize_nvfp4(sub.module.transformer, weights, scales)
-    engine = OnnxRuntimeEngine(root / files[0], sub.spec)
-    parity = check_parity(sub, EagerEngine(sub.module, sub.spec), engine)
-    quality = []
-    for dims in sub.shapes:
-        feeds = sub.sample(dims, 2)
-        ref, got = reference(feeds)["noise_pred"], engine(feeds)["noise_pred"]
-        quality.append({"dims": dict(dims), "sqnr_db": sqnr_db(ref, got), **compare(ref, got)})
+    parity, quality = measure_quantized(sub, reference, OnnxRuntimeEngine(root / files[0], sub.spec))
     for h in handles:
         h.remove()
     with torch.no_grad():
         for n, w in saved.items():
             mods[n].weight.copy_(w)
-    cfg = calibration.meta["config"]
     entry = EngineEntry(
         "onnxruntime", "nvfp4", "any",
         files={**{k: v for k, v in base.files.items() if k != "transformer"}, "transformer": files},
         parity={**{k: v for k, v in base.parity.items() if k != "transformer"}, "transformer": parity},
         options={"base_precision": base_precision, "quantized_layers": done, "skipped_layers": skipped,
                  "quality_vs_unquantized": quality, "tensorrt_onnx": trt_files[0], "tensorrt_onnx_files": trt_files,
-                 "calibration": {"method": method or cfg["method"], "prompts": calibration.meta["prompts"],
-                                 "sampler": calibration.meta["sampler"], "created": calibration.meta["created"]},
+                 "calibration": calibration_facts(calibration, method),
                  "scheme": "NVFP4: E2M1 weights with E4M3 block-16 scales and an fp32 global scale (offline); "
                            "activations quantized dynamically per 16-block with a calibrated global scale. "
                            "onnxruntime file: standard-op fake quantization (opset 21); tensorrt_onnx: FLOAT4E2M1 "

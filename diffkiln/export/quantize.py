@@ -102,6 +102,28 @@ def fake_quantize_fp8(module, scales: dict[str, tuple[float, float]]) -> list:
     return handles
 
 
+def measure_quantized(sub, reference, engine) -> tuple[list[dict], list[dict]]:
+    """(parity, quality) of a quantized graph `engine`: parity against `sub` (the eager model with the same fake
+    quantization) at its parity shapes, quality (SQNR, cosine, errors) against the unquantized `reference`."""
+    from diffkiln.engines.eager import EagerEngine
+    from diffkiln.export.parity import check_parity, compare
+
+    parity = check_parity(sub, EagerEngine(sub.module, sub.spec), engine)
+    out = sub.spec.outputs[0].name
+    quality = []
+    for dims in sub.shapes:
+        feeds = sub.sample(dims, 2)
+        ref, got = reference(feeds)[out], engine(feeds)[out]
+        quality.append({"dims": dict(dims), "sqnr_db": sqnr_db(ref, got), **compare(ref, got)})
+    return parity, quality
+
+
+def calibration_facts(calibration, method: str | None) -> dict:
+    """What a quantized engine set records about the calibration it came from."""
+    m = calibration.meta
+    return {"method": method or m["config"]["method"], "prompts": m["prompts"], "sampler": m["sampler"], "created": m["created"]}
+
+
 def sqnr_db(ref, out) -> float:
     """Signal-to-quantization-noise ratio of `out` against `ref` (numpy arrays), in dB."""
     import numpy as np
@@ -129,7 +151,6 @@ def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, 
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
     from diffkiln.export.onnx import save_model
-    from diffkiln.export.parity import check_parity, compare
     from diffkiln.manifest import EngineEntry
     from diffkiln.models.submodels import sana_submodels
     from diffkiln.progress import log
@@ -151,23 +172,15 @@ def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, 
     reference = EagerEngine(sub.module, sub.spec)
     sub = dataclasses.replace(sub, module=copy.deepcopy(sub.module))  # the caller's model keeps its weights
     handles = fake_quantize_fp8(sub.module.transformer, scales)
-    engine = OnnxRuntimeEngine(root / files[0], sub.spec)
-    parity = check_parity(sub, EagerEngine(sub.module, sub.spec), engine)
-    quality = []
-    for dims in sub.shapes:
-        feeds = sub.sample(dims, 2)
-        ref, got = reference(feeds)["noise_pred"], engine(feeds)["noise_pred"]
-        quality.append({"dims": dict(dims), "sqnr_db": sqnr_db(ref, got), **compare(ref, got)})
+    parity, quality = measure_quantized(sub, reference, OnnxRuntimeEngine(root / files[0], sub.spec))
     for h in handles:
         h.remove()
-    cfg = calibration.meta["config"]
     entry = EngineEntry(
         "onnxruntime", "fp8", "any",
         files={**{k: v for k, v in base.files.items() if k != "transformer"}, "transformer": files},
         parity={**{k: v for k, v in base.parity.items() if k != "transformer"}, "transformer": parity},
         options={"base_precision": base_precision, "quantized_layers": done, "quality_vs_unquantized": quality,
-                 "calibration": {"method": method or cfg["method"], "prompts": calibration.meta["prompts"],
-                                 "sampler": calibration.meta["sampler"], "created": calibration.meta["created"]},
+                 "calibration": calibration_facts(calibration, method),
                  "scheme": "FP8 E4M3 per-tensor Q/DQ on activations and weights (opset 21)"},
         tool_versions=base.tool_versions,
         build_seconds={"transformer": round(time.perf_counter() - start, 3)},
@@ -178,4 +191,4 @@ def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, 
     return entry
 
 
-__all__ = ["add_fp8_engine_set", "E4M3_MAX", "fake_quantize_fp8", "fp8_scales", "insert_fp8_qdq", "layer_of", "sqnr_db"]
+__all__ = ["add_fp8_engine_set", "calibration_facts", "measure_quantized", "E4M3_MAX", "fake_quantize_fp8", "fp8_scales", "insert_fp8_qdq", "layer_of", "sqnr_db"]
