@@ -20,6 +20,7 @@ MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 # weights dtype of an export -> the precision name engine sets use
 DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+PRECISION_DTYPE = {v: k for k, v in DTYPE_PRECISION.items()}
 
 
 @dataclass(frozen=True)

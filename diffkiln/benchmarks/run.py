@@ -20,10 +20,10 @@ from diffkiln.benchmarks.stages import STAGES, time_stages
 from diffkiln.benchmarks.suites import Case, Suite
 from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_write_json
+from diffkiln.manifest import PRECISION_DTYPE as DTYPES
 from diffkiln.progress import log
 
 PROMPT = "a small red circle on the left, blue background"
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def build_engines(case: Case, root: Path) -> dict:
@@ -121,9 +121,9 @@ def run_case(case: Case, suite: Suite, root: Path) -> dict:
 
 def run_suite(suite: Suite, out: str | Path, repeats: int | None = None) -> dict:
     """Run every case of `suite`; write results.json, results.md and plots into `out`."""
-    from diffkiln.benchmarks.report import write_report
-
     import dataclasses
+
+    from diffkiln.benchmarks.report import write_report
 
     if repeats is not None:
         suite = dataclasses.replace(suite, repeats=repeats)

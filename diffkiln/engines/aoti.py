@@ -18,11 +18,11 @@ import numpy as np
 
 from diffkiln.engines.base import Engine
 from diffkiln.errors import DiffkilnError
+from diffkiln.manifest import PRECISION_DTYPE as PRECISIONS
 from diffkiln.manifest import EngineEntry, SubmodelSpec
 from diffkiln.progress import log, progress
 
 DEVICES = ("cpu", "cuda")
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ENGINE_DIR = "aoti"
 
 

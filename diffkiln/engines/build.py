@@ -12,10 +12,15 @@ from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_dir
-from diffkiln.manifest import DTYPE_PRECISION, MANIFEST, Manifest, read_manifest
+from diffkiln.manifest import (
+    DTYPE_PRECISION,
+    MANIFEST,
+    PRECISION_DTYPE,
+    Manifest,
+    read_manifest,
+)
 
 BUILDABLE = ("onnxruntime", "tensorrt", "aoti")
-PRECISION_DTYPE = {v: k for k, v in DTYPE_PRECISION.items()}
 QUANTIZED = ("fp8", "nvfp4")  # precisions built from a calibration on top of a 32/16-bit export
 
 
@@ -83,7 +88,11 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
                 names = ["transformer"] if quantized else submodels or list(manifest.submodels)
                 model = source_model(manifest, names, dtype)
         else:
-            from diffkiln.export.pipeline import export_into, new_manifest, write_runtime_files
+            from diffkiln.export.pipeline import (
+                export_into,
+                new_manifest,
+                write_runtime_files,
+            )
             from diffkiln.models.sana import SUBMODELS, load_model
             from diffkiln.models.submodels import sana_submodels
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.manifest import EngineEntry, Manifest, read_manifest
+from diffkiln.manifest import PRECISION_DTYPE, EngineEntry, Manifest, read_manifest
 from diffkiln.progress import log
-
-PRECISION_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def parity_shapes(sub, spec, profile: dict | None) -> list[dict]:
