@@ -175,6 +175,19 @@ def _lr(base: float, step: int, total: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+
+def _record_step(state: dict, phase: str, step: int, loss: float, pbar, seconds: float, save) -> None:
+    """After step `step` of `phase` ("ae" | "flow"): smoothed loss, progress, and a checkpoint every CHECKPOINT_EVERY."""
+    state[f"{phase}_step"] = step + 1
+    prev = state[f"{phase}_loss"]
+    state[f"{phase}_loss"] = 0.98 * prev + 0.02 * loss if prev else loss
+    pbar.update(1)
+    pbar.set_postfix(loss=f"{state[f'{phase}_loss']:.4f}")
+    if state[f"{phase}_step"] % CHECKPOINT_EVERY == 0:
+        state[f"{phase}_seconds"] = seconds
+        state["history"].append([phase, state[f"{phase}_step"], state[f"{phase}_loss"]])
+        save()
+
 def train_tiny(out_dir: str | Path, seed: int = 0, minutes: float | None = None, steps: int | None = None,
                resume: bool = True, progress: bool = True) -> dict:
     """Train tiny-sana's DC-AE and transformer on the shapes dataset; write `out_dir/tiny-sana.safetensors`.
@@ -261,14 +274,7 @@ def _train(out: Path, seed: int, ae_target: int, flow_target: int, start: float,
             opt_ae.zero_grad(set_to_none=True)
             loss.backward()
             opt_ae.step()
-            state["ae_step"] = step + 1
-            state["ae_loss"] = 0.98 * state["ae_loss"] + 0.02 * loss.item() if state["ae_loss"] else loss.item()
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{state['ae_loss']:.4f}")
-            if state["ae_step"] % CHECKPOINT_EVERY == 0:
-                state["ae_seconds"] = done0 + time.perf_counter() - t0
-                state["history"].append(["ae", state["ae_step"], state["ae_loss"]])
-                save()
+            _record_step(state, "ae", step, loss.item(), pbar, done0 + time.perf_counter() - t0, save)
         pbar.close()
         state["ae_seconds"] = done0 + time.perf_counter() - t0
         state["scaling_factor"] = None  # re-measured below on the updated autoencoder
@@ -335,14 +341,7 @@ def _train(out: Path, seed: int, ae_target: int, flow_target: int, start: float,
             with torch.no_grad():
                 for pe, p in zip(ema.parameters(), transformer.parameters()):
                     pe.lerp_(p, 1 - decay)
-            state["flow_step"] = step + 1
-            state["flow_loss"] = 0.98 * state["flow_loss"] + 0.02 * loss.item() if state["flow_loss"] else loss.item()
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{state['flow_loss']:.4f}")
-            if state["flow_step"] % CHECKPOINT_EVERY == 0:
-                state["flow_seconds"] = done0 + time.perf_counter() - t0
-                state["history"].append(["flow", state["flow_step"], state["flow_loss"]])
-                save()
+            _record_step(state, "flow", step, loss.item(), pbar, done0 + time.perf_counter() - t0, save)
         pbar.close()
         state["flow_seconds"] = done0 + time.perf_counter() - t0
         save()
