@@ -25,7 +25,7 @@ Two graph forms:
 from __future__ import annotations
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.export.quantize import GEMM_OPS, calibration_facts, layer_of, measure_quantized
+from diffkiln.export.quantize import GEMM_OPS, calibration_facts, layer_of, measure_quantized, replace_nodes
 from diffkiln.plugins.formats import E2M1_MAX, NVFP4_BLOCK, nvfp4_dequantize, nvfp4_quantize
 from diffkiln.plugins.nvfp4_activations import nvfp4_fake_quantize_activations, nvfp4_global_scale
 
@@ -278,12 +278,7 @@ def insert_nvfp4(model, weights: dict, act_global_scales: dict[str, float], pref
         nd.input[0], nd.input[1] = x, w
         done.append(layer)
         nodes.append(nd)
-    missing = sorted(set(weights) - set(done))
-    if missing:
-        raise DiffkilnError(f"{len(missing)} calibrated layers have no GEMM node in the graph (e.g. {missing[:3]}); "
-                            "was the graph exported from another model?")
-    del g.node[:]
-    g.node.extend(nodes)
+    replace_nodes(g, nodes, weights, done)
     g.initializer.extend(new_inits)
     used = {i for nd in g.node for i in nd.input} | {o.name for o in g.output}
     kept = [t for t in g.initializer if t.name in used]

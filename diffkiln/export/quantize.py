@@ -68,13 +68,18 @@ def insert_fp8_qdq(model, scales: dict[str, tuple[float, float]], prefix: str):
             node.input[1] = qdq(node.input[1], sw, f"{tag}/weight_fp8")
             done.append(layer)
         nodes.append(node)
-    missing = sorted(set(scales) - set(done))
+    replace_nodes(g, nodes, scales, done)
+    return model, done
+
+
+def replace_nodes(graph, nodes: list, wanted, done: list[str]) -> None:
+    """Install the rewritten node list, after checking every layer in `wanted` was found among the GEMMs."""
+    missing = sorted(set(wanted) - set(done))
     if missing:
         raise DiffkilnError(f"{len(missing)} calibrated layers have no GEMM node in the graph (e.g. {missing[:3]}); "
                             "was the graph exported from another model?")
-    del g.node[:]
-    g.node.extend(nodes)
-    return model, done
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def fake_quantize_fp8(module, scales: dict[str, tuple[float, float]]) -> list:
@@ -191,4 +196,4 @@ def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, 
     return entry
 
 
-__all__ = ["add_fp8_engine_set", "calibration_facts", "measure_quantized", "E4M3_MAX", "fake_quantize_fp8", "fp8_scales", "insert_fp8_qdq", "layer_of", "sqnr_db"]
+__all__ = ["add_fp8_engine_set", "replace_nodes", "calibration_facts", "measure_quantized", "E4M3_MAX", "fake_quantize_fp8", "fp8_scales", "insert_fp8_qdq", "layer_of", "sqnr_db"]
