@@ -20,7 +20,7 @@ from pathlib import Path
 from diffkiln.engines.skus import PRECISIONS, SKUS, check_precision, parse_skus
 from diffkiln.engines.tensorrt import Flavor, detect_gpu, load_flavor
 from diffkiln.errors import DiffkilnError
-from diffkiln.fileio import atomic_write_bytes, sha256_json
+from diffkiln.fileio import atomic_write_bytes, sha256_file, sha256_json
 from diffkiln.manifest import EngineEntry, Manifest
 from diffkiln.progress import log, progress
 
@@ -188,7 +188,6 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
     flavor = flavor or load_flavor()
     check_request(flavor, config)
     onnx = manifest.engine("onnxruntime", precision=config.precision)
-    manifest.record_files(root)  # sha256 of the ONNX files: the engine cache key
     settings = json.loads((root / "pipeline.json").read_text())
     profs = profiles(manifest, settings, config)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
@@ -196,7 +195,11 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
         cache_dir.mkdir(parents=True, exist_ok=True)
     # a quantized set may keep a TensorRT-specific graph beside the one ONNX Runtime runs (NVFP4: FP4 types)
     sources = {**onnx.files, **({"transformer": onnx.options["tensorrt_onnx_files"]} if "tensorrt_onnx_files" in onnx.options else {})}
-    onnx_bytes = {name: sum(manifest.files[f]["bytes"] for f in files) for name, files in sources.items()}
+    onnx_bytes = {name: sum((root / f).stat().st_size for f in files) for name, files in sources.items()}
+    # the engine cache key: sha256 of the source ONNX files (known already for a directory that was loaded;
+    # hashed here only for files exported in this build, not the whole directory)
+    digests = {f: manifest.files[f]["sha256"] if f in manifest.files else sha256_file(root / f)
+               for files in sources.values() for f in files}
     jobs = [(sku, name) for sku in config.skus for name in onnx.files]
     workers = _jobs(config, max(onnx_bytes.values()), len(jobs))
     log(f"{flavor.name} {flavor.version}: {len(jobs)} engines ({', '.join(config.skus)} x {', '.join(onnx.files)}), "
@@ -207,7 +210,7 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
     def one(job):
         sku, name = job
         spec = manifest.submodels[name]
-        key = sha256_json({"onnx": [manifest.files[f]["sha256"] for f in sources[name]], "flavor": flavor.name,
+        key = sha256_json({"onnx": [digests[f] for f in sources[name]], "flavor": flavor.name,
                            "version": flavor.version, "sku": sku, "profile": profs[name],
                            "opt": config.optimization_level, "workspace": config.workspace_gib})[:32]
         cached = cache_dir / f"{name}-{sku}-{key}.engine"
