@@ -12,21 +12,20 @@ DEMO_PROMPT = "a small red circle on the left, blue background"
 
 
 def cmd_presets(args) -> None:
-    from diffkiln.models.presets import PRESETS
-    from diffkiln.models.sizes import preset_sizes
+    from diffkiln.models.registry import adapters
 
-    print(f"{'name':<20} {'family':<12} {'transformer':>12} {'text enc.':>10} {'DC-AE':>8}  description")
-    for name, p in PRESETS.items():
-        s = preset_sizes(p)
-        print(f"{name:<20} {p.family:<12} {s['transformer'] / 1e6:>11.1f}M {s['text_encoder'] / 1e6:>9.1f}M "
-              f"{s['vae'] / 1e6:>7.1f}M  {p.description}")
+    print(f"{'name':<24} {'family':<17} parameters (M) per module; description")
+    for mod in adapters():
+        for row in mod.preset_rows():
+            sizes = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in row["params"].items())
+            print(f"{row['name']:<24} {row['family']:<17} {sizes}; {row['description']}")
 
 
 def cmd_export(args) -> None:
     from diffkiln.export.pipeline import export_pipeline
-    from diffkiln.models.sana import SUBMODELS, load_model
+    from diffkiln.models.registry import load_model
 
-    model = load_model(args.model, args.submodels or SUBMODELS, dtype=args.dtype or "float32")
+    model = load_model(args.model, args.submodels, dtype=args.dtype or "float32")
     export_pipeline(model, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     _print_summary(args.out)
@@ -70,6 +69,12 @@ def cmd_generate(args) -> None:
         if args.backend != "tensorrt":
             raise DiffkilnError("--cuda-graph applies to --backend tensorrt")
         options["cuda_graph"] = True
+    from diffkiln.runtime.video import is_video
+
+    if is_video(args.engines):
+        return _generate_video(args, options)
+    if args.frames:
+        raise DiffkilnError(f"--frames: {args.engines} holds an image model")
     pipe = Pipeline.from_engines(args.engines, backend=args.backend, target=args.target, precision=args.precision,
                                  verify=not args.no_verify, **options)
     out = pipe(
@@ -87,6 +92,27 @@ def cmd_generate(args) -> None:
     t = out.timings
     print(f"wrote {args.output} (seed {out.seed}; total {t['total'][0]:.2f}s: text encoder {sum(t['text_encoder']):.2f}s, "
           f"{len(t['transformer'])} transformer calls {sum(t['transformer']):.2f}s, VAE decode {sum(t['vae_decoder']):.2f}s)")
+
+
+def _generate_video(args, options) -> None:
+    from pathlib import Path
+
+    from diffkiln.runtime.video import load_video_pipeline
+    from diffkiln.runtime.video_io import save_frame_grid, write_mp4
+
+    pipe = load_video_pipeline(args.engines, backend=args.backend, target=args.target, precision=args.precision,
+                               verify=not args.no_verify, **options)
+    out = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames,
+               num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
+               seed=args.seed, progress=True)
+    mp4 = Path(args.output if args.output.endswith(".mp4") else Path(args.output).with_suffix(".mp4"))
+    write_mp4(out.frames[0], mp4, fps=args.fps or out.fps or 8, codec=args.codec)
+    png = save_frame_grid(out.frames[0], mp4.with_suffix(".png"))
+    t = out.timings
+    denoiser = next(k for k in ("transformer", "unet") if k in t)
+    print(f"wrote {mp4} and {png} ({out.frames.shape[1]} frames, seed {out.seed}; total {t['total'][0]:.2f}s: "
+          f"text encoder {sum(t['text_encoder']):.2f}s, {len(t[denoiser])} {denoiser} calls {sum(t[denoiser]):.2f}s, "
+          f"VAE decode {sum(t['vae_decoder']):.2f}s)")
 
 
 def _print_summary(root) -> None:
@@ -191,8 +217,8 @@ def parser() -> argparse.ArgumentParser:
     def model_args(sp):
         sp.add_argument("model", help="preset name (see `diffkiln presets`) or a local diffusers folder")
         sp.add_argument("out", help="output engine directory (written atomically)")
-        sp.add_argument("--submodels", nargs="+", choices=["text_encoder", "transformer", "vae_decoder"],
-                        help="export only these (default: all)")
+        sp.add_argument("--submodels", nargs="+", metavar="NAME",
+                        help="export only these (default: all; text_encoder, transformer|unet, vae_decoder)")
         sp.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weights dtype of the export (default float32; TensorRT builds take it from --precision)")
         sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -226,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the engine cache")
     sp.set_defaults(fn=cmd_build)
 
-    sp = sub.add_parser("generate", help="generate images from an engine directory")
+    sp = sub.add_parser("generate", help="generate images (PNG) or videos (MP4 + frame grid PNG) from an engine directory")
     sp.add_argument("--engines", required=True, help="engine directory")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--negative-prompt", default="")
@@ -236,6 +262,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--height", type=int, default=None)
     sp.add_argument("--width", type=int, default=None)
     sp.add_argument("--num-images", type=int, default=1)
+    sp.add_argument("--frames", type=int, default=None, help="video models: number of frames (default: the model's)")
+    sp.add_argument("--fps", type=int, default=None, help="video models: MP4 frame rate (default: the model's)")
+    sp.add_argument("--codec", default="libx264", help="video models: ffmpeg codec of the MP4")
     sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
     sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU; aoti: cpu|cuda)")
     sp.add_argument("--precision", help="engine set precision, when the directory holds several")

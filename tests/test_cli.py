@@ -26,7 +26,7 @@ def test_help_does_not_import_torch():
 def test_presets_lists_sizes(capsys):
     assert run("presets") == 0
     out = capsys.readouterr().out
-    assert "tiny-sana" in out and "sana-1600m-1024" in out and "1604.5M" in out and "591.7M" in out
+    assert "tiny-sana" in out and "sana-1600m-1024" in out and "transformer 1604.5" in out and "transformer 591.7" in out
 
 
 def test_export_build_generate_inspect(tmp_path, capsys):

@@ -120,9 +120,7 @@ def build_aoti(model, root: Path, config: AotiBuildConfig, names=None) -> Engine
 
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.export.parity import check_parity
-    from diffkiln.models.submodels import sana_submodels
-
-    subs = sana_submodels(model, names)
+    subs = model.submodels(names)
     entry = EngineEntry("aoti", config.precision, config.device, files={},
                         options={"build_config": config.to_dict(), "torch": torch.__version__,
                                  "fused_linear_attention": config.fused_linear_attention},

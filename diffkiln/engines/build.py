@@ -93,13 +93,12 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
                 new_manifest,
                 write_runtime_files,
             )
-            from diffkiln.models.sana import SUBMODELS, load_model
-            from diffkiln.models.submodels import sana_submodels
+            from diffkiln.models.registry import load_model
 
-            model = load_model(source, submodels or SUBMODELS, dtype=dtype)
+            model = load_model(source, submodels, dtype=dtype)
             if backend == "aoti":  # AOTInductor compiles from the torch modules; no ONNX needed
                 write_runtime_files(model, tmp)
-                manifest = new_manifest(model, sana_submodels(model), [])
+                manifest = new_manifest(model, model.submodels(), [])
             else:
                 manifest = export_into(model, tmp)
         if quantized:

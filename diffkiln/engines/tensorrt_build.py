@@ -98,6 +98,9 @@ def check_request(flavor: Flavor, config: TensorRTBuildConfig) -> None:
         )
 
 
+DENOISERS = ("transformer", "unet")
+
+
 def profiles(manifest: Manifest, settings: dict, config: TensorRTBuildConfig) -> dict[str, dict[str, list[int]]]:
     """Per submodel, each dynamic input dim -> [min, opt, max]; static mode pins batch and resolution."""
     f = settings["vae_scale_factor"]
@@ -106,8 +109,9 @@ def profiles(manifest: Manifest, settings: dict, config: TensorRTBuildConfig) ->
     w = (config.static_width or d["width"]) // f
     out = {}
     for name, spec in manifest.submodels.items():
-        cfg_batch = 2 if name == "transformer" else 1  # classifier-free guidance doubles the transformer batch
-        opt = {"batch": cfg_batch, "latent_height": h, "latent_width": w}
+        cfg_batch = 2 if name in DENOISERS else 1  # classifier-free guidance doubles the denoiser's batch
+        # video models name their default frame counts per dim in pipeline.json ("opt_dims")
+        opt = {**settings.get("opt_dims", {}), "batch": cfg_batch, "latent_height": h, "latent_width": w}
         used = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
         prof = {}
         for dim in sorted(used):

@@ -23,7 +23,7 @@ def parity_shapes(sub, spec, profile: dict | None) -> list[dict]:
 
 def source_model(manifest: Manifest, names: list[str], dtype: str):
     """Reload the model an engine directory was built from (a preset, or the folder it names); refuse another."""
-    from diffkiln.models.sana import load_model
+    from diffkiln.models.registry import load_model
 
     source = manifest.model["name"] if manifest.model["source"] == "preset" else manifest.model["source"]
     model = load_model(source, names, dtype=dtype)
@@ -39,8 +39,6 @@ def verify_engines(root: str | Path, backend: str, target: str | None = None, pr
     from diffkiln.engines import open_engines, select_engines
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.export.parity import check_parity
-    from diffkiln.models.submodels import sana_submodels
-
     root = Path(root)
     manifest = read_manifest(root, verify=True)
     entry = select_engines(manifest, backend, target, precision)
@@ -49,7 +47,7 @@ def verify_engines(root: str | Path, backend: str, target: str | None = None, pr
     model = source_model(manifest, list(entry.files), PRECISION_DTYPE[entry.precision])
     device = device or ("cuda" if backend == "tensorrt" else "cpu")
     engines = open_engines(root, manifest, entry, **engine_options)
-    for name, sub in sana_submodels(model, list(entry.files)).items():
+    for name, sub in model.submodels(list(entry.files)).items():
         spec = engines[name].spec
         shapes = parity_shapes(sub, spec, entry.options.get("profiles", {}).get(name))
         sub.shapes = shapes

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from diffkiln.fileio import atomic_dir, atomic_write_json
 from diffkiln.manifest import DTYPE_PRECISION, EngineEntry, Manifest
-from diffkiln.models.sana import SanaModel
 from diffkiln.progress import log, progress
 
 
@@ -23,14 +22,14 @@ def tool_versions(*modules: str) -> dict:
     return out
 
 
-def write_runtime_files(model: SanaModel, root: Path) -> None:
+def write_runtime_files(model, root: Path) -> None:
     """tokenizer.json, scheduler.json, pipeline.json: all the runtime reads besides the engines."""
     model.tokenizer.save(str(root / "tokenizer.json"))
     atomic_write_json(root / "scheduler.json", model.scheduler_config)
     atomic_write_json(root / "pipeline.json", model.pipeline_settings())
 
 
-def export_pipeline(model: SanaModel, out: str | Path, names=None, overwrite: bool = False, threads: int | None = None) -> Manifest:
+def export_pipeline(model, out: str | Path, names=None, overwrite: bool = False, threads: int | None = None) -> Manifest:
     """Export each submodel present in `model` to `out/<name>.onnx`, check it in ONNX Runtime at two shapes.
 
     `out` is written atomically: it appears complete or not at all.
@@ -41,15 +40,13 @@ def export_pipeline(model: SanaModel, out: str | Path, names=None, overwrite: bo
     return manifest
 
 
-def export_into(model: SanaModel, root: Path, names=None, threads: int | None = None) -> Manifest:
+def export_into(model, root: Path, names=None, threads: int | None = None) -> Manifest:
     """Export into the (new, temporary) directory `root`; the caller writes the manifest and renames `root`."""
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
     from diffkiln.export.onnx import export_onnx
     from diffkiln.export.parity import check_parity
-    from diffkiln.models.submodels import sana_submodels
-
-    subs = sana_submodels(model, names)
+    subs = model.submodels(names)
     dtype = str(next(next(iter(subs.values())).module.parameters()).dtype).replace("torch.", "")
     entry = EngineEntry(
         backend="onnxruntime",
@@ -73,7 +70,7 @@ def export_into(model: SanaModel, root: Path, names=None, threads: int | None = 
     return new_manifest(model, subs, [entry])
 
 
-def new_manifest(model: SanaModel, subs: dict, engines: list[EngineEntry]) -> Manifest:
+def new_manifest(model, subs: dict, engines: list[EngineEntry]) -> Manifest:
     return Manifest(
         model={"name": model.name, "source": model.source, "family": model.family, "config_hash": model.config_hash()},
         submodels={k: s.spec for k, s in subs.items()},

@@ -35,6 +35,21 @@ def default_instruction(family: str) -> list[str]:
     return list(inspect.signature(cls.__call__).parameters["complex_human_instruction"].default)
 
 
+def preset_names() -> list[str]:
+    from diffkiln.models.presets import PRESETS
+
+    return list(PRESETS)
+
+
+def preset_rows() -> list[dict]:
+    """For `diffkiln presets`: parameter counts per module (meta device: no memory, no weights)."""
+    from diffkiln.models.presets import PRESETS
+    from diffkiln.models.sizes import preset_sizes
+
+    return [{"name": n, "family": p.family, "params": preset_sizes(p), "description": p.description}
+            for n, p in PRESETS.items()]
+
+
 def pipeline_class(family: str):
     import diffusers
 
@@ -94,6 +109,12 @@ class SanaModel:
             text,
             {k: v for k, v in sched.items() if not k.startswith("_")},
         ])[:16]
+
+    def submodels(self, names=None) -> dict:
+        """Export-friendly wrappers with their I/O specs (see `diffkiln.models.submodels`)."""
+        from diffkiln.models.submodels import sana_submodels
+
+        return sana_submodels(self, names)
 
     def pipeline_settings(self) -> dict:
         """Everything the runtime needs besides the engines, the tokenizer and the scheduler config."""

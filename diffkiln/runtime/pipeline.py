@@ -40,37 +40,64 @@ def run_batched(engine, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-class Pipeline:
-    """A text-to-image pipeline over `text_encoder`, `transformer` and `vae_decoder` engines."""
+def open_engine_dir(root: str | Path, backend: str = "onnxruntime", target: str | None = None,
+                    precision: str | None = None, verify: bool = True, **engine_options) -> tuple[dict, dict, dict, Path]:
+    """An engine directory -> (engines, pipeline settings, scheduler config, tokenizer file), manifest hashes checked."""
+    from diffkiln.engines import open_engines, select_engines
+    from diffkiln.manifest import read_manifest
+
+    root = Path(root)
+    manifest = read_manifest(root, verify=verify)
+    entry = select_engines(manifest, backend, target, precision)
+    engines = open_engines(root, manifest, entry, **engine_options)
+    settings = json.loads((root / "pipeline.json").read_text())
+    scheduler = json.loads((root / "scheduler.json").read_text())
+    return engines, settings, scheduler, root / "tokenizer.json"
+
+
+class EnginePipeline:
+    """What every pipeline over an engine directory shares: loading, the required engines, stage timing."""
+
+    required: tuple[str, ...] = ("text_encoder", "transformer", "vae_decoder")
 
     def __init__(self, engines: dict, settings: dict, scheduler_config: dict, tokenizer_file: str | Path):
-        missing = {"text_encoder", "transformer", "vae_decoder"} - set(engines)
+        missing = set(self.required) - set(engines)
         if missing:
-            raise DiffkilnError(f"Pipeline needs engines for {sorted(missing)}; got {sorted(engines)}")
+            raise DiffkilnError(f"{type(self).__name__} needs engines for {sorted(missing)}; got {sorted(engines)}")
         self.engines = engines
         self.settings = settings
         self.scheduler_config = scheduler_config
-        self.tokenizer = PromptTokenizer(
-            tokenizer_file, settings["max_sequence_length"], settings.get("complex_human_instruction")
-        )
+        self.tokenizer_file = Path(tokenizer_file)
 
     @classmethod
     def from_engines(cls, root: str | Path, backend: str = "onnxruntime", target: str | None = None,
-                     precision: str | None = None, verify: bool = True, **engine_options) -> "Pipeline":
+                     precision: str | None = None, verify: bool = True, **engine_options):
         """Load an engine directory: manifest (hashes checked), tokenizer, scheduler and pipeline settings."""
-        from diffkiln.engines import open_engines, select_engines
-        from diffkiln.manifest import read_manifest
+        return cls(*open_engine_dir(root, backend, target, precision, verify, **engine_options))
 
-        root = Path(root)
-        manifest = read_manifest(root, verify=verify)
-        entry = select_engines(manifest, backend, target, precision)
-        engines = open_engines(root, manifest, entry, **engine_options)
-        settings = json.loads((root / "pipeline.json").read_text())
-        scheduler = json.loads((root / "scheduler.json").read_text())
-        return cls(engines, settings, scheduler, root / "tokenizer.json")
+    def _timed(self, timings: dict, stage: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        timings.setdefault(stage, []).append(time.perf_counter() - start)
+        return out
 
-    # -- checks -------------------------------------------------------------------------------
-    def check_inputs(self, prompts: list[str], negatives: list[str], height: int, width: int, steps: int, total: int):
+    def _steps(self, timesteps, progress: bool):
+        if not progress:
+            return timesteps
+        from diffkiln.progress import progress as bar
+
+        return bar(timesteps, desc="denoising")
+
+    def _rng(self, seed: int | None, generator: np.random.Generator | None) -> tuple[np.random.Generator, int | None]:
+        """The run's random stream: PCG64(seed), or the caller's generator (then no seed is reported)."""
+        if generator is not None and seed is not None:
+            raise DiffkilnError("pass either seed or generator, not both")
+        if generator is not None:
+            return generator, None
+        seed = int(np.random.SeedSequence().entropy % (2**63)) if seed is None else int(seed)
+        return np.random.Generator(np.random.PCG64(seed)), seed
+
+    def check_size(self, height: int, width: int) -> None:
         s = self.settings
         stride, lo, hi = s["pixel_stride"], s["min_pixels"], s["max_pixels"]
         for name, v in (("height", height), ("width", width)):
@@ -81,6 +108,20 @@ class Pipeline:
                 )
             if not lo <= v <= hi:
                 raise DiffkilnError(f"{name}={v} is outside the range these engines were built for: [{lo}, {hi}] pixels")
+
+
+class Pipeline(EnginePipeline):
+    """A text-to-image pipeline over `text_encoder`, `transformer` and `vae_decoder` engines."""
+
+    def __init__(self, engines: dict, settings: dict, scheduler_config: dict, tokenizer_file: str | Path):
+        super().__init__(engines, settings, scheduler_config, tokenizer_file)
+        self.tokenizer = PromptTokenizer(
+            tokenizer_file, settings["max_sequence_length"], settings.get("complex_human_instruction")
+        )
+
+    # -- checks -------------------------------------------------------------------------------
+    def check_inputs(self, prompts: list[str], negatives: list[str], height: int, width: int, steps: int, total: int):
+        self.check_size(height, width)
         if len(negatives) != len(prompts):
             raise DiffkilnError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt or a single string")
         if steps < 1:
@@ -89,12 +130,6 @@ class Pipeline:
             raise DiffkilnError("no prompt given")
 
     # -- stages -------------------------------------------------------------------------------
-    def _timed(self, timings: dict, stage: str, fn, *args):
-        start = time.perf_counter()
-        out = fn(*args)
-        timings.setdefault(stage, []).append(time.perf_counter() - start)
-        return out
-
     def encode_prompt(self, prompts: list[str], with_instruction: bool, timings: dict) -> tuple[np.ndarray, np.ndarray]:
         ids, mask = self.tokenizer.encode(prompts, with_instruction)
         hidden = self._timed(timings, "text_encoder", run_batched, self.engines["text_encoder"],
@@ -134,11 +169,7 @@ class Pipeline:
         self.check_inputs(prompts, negatives, height, width, steps, total)
         if output_type not in ("pil", "np", "latent"):
             raise DiffkilnError(f"output_type={output_type!r}; expected 'pil', 'np' or 'latent'")
-        if generator is not None and seed is not None:
-            raise DiffkilnError("pass either seed or generator, not both")
-        if generator is None:
-            seed = int(np.random.SeedSequence().entropy % (2**63)) if seed is None else int(seed)
-        rng = generator or np.random.Generator(np.random.PCG64(seed))
+        rng, seed = self._rng(seed, generator)
         f = self.settings["vae_scale_factor"]
         shape = (total, self.settings["latent_channels"], height // f, width // f)
         if latents is None:
@@ -166,13 +197,6 @@ class Pipeline:
 
     def _transformer(self, timings: dict, **feeds) -> np.ndarray:
         return self._timed(timings, "transformer", run_batched, self.engines["transformer"], feeds)
-
-    def _steps(self, timesteps, progress: bool):
-        if not progress:
-            return timesteps
-        from diffkiln.progress import progress as bar
-
-        return bar(timesteps, desc="denoising")
 
     def _denoise_flow(self, latents, emb, mask, negatives, per_prompt, steps, guidance, rng, timings, callback, progress):
         """SanaPipeline's loop: batched classifier-free guidance (when guidance > 1) over a flow scheduler."""

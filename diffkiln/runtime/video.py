@@ -1,0 +1,154 @@
+"""Text-to-video over engines: what every video family shares (loading, input checks, seeds, output).
+
+A family's subclass (`VIDEO_PIPELINES`) reproduces its diffusers pipeline by implementing
+    latent_shape(batch, frames, height, width) -> tuple      initial latents' shape
+    initial_latents(shape, rng) -> np.ndarray                default: standard normal (float32) from rng
+    encode_prompt(prompts, negatives, guidance, timings) -> dict   conditioning for the denoiser
+    denoise(latents, cond, steps, guidance, rng, timings, callback, progress) -> latents
+    decode(latents, frames, timings) -> [B, F, H, W, 3] float32 in [0, 1]
+Like the image runtime it imports nothing from torch, diffusers or transformers.
+
+pipeline.json of a video family holds, besides what the image runtime reads: "frames" (the valid
+frame counts: min, max, multiple, offset -> f = offset + k * multiple), defaults.num_frames and
+defaults.fps.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from diffkiln.errors import DiffkilnError
+from diffkiln.runtime.pipeline import EnginePipeline, open_engine_dir
+
+# family -> "module:class" of its runtime pipeline
+VIDEO_PIPELINES = {
+    "text-to-video-ms": "diffkiln.runtime.t2v_ms:TextToVideoMsPipeline",
+    "cogvideox": "diffkiln.runtime.cogvideox:CogVideoXPipeline",
+    "sana-video": "diffkiln.runtime.sana_video:SanaVideoPipeline",
+}
+
+
+@dataclass
+class VideoOutput:
+    frames: np.ndarray  # [B, F, H, W, 3] float32 in [0, 1]; latents when output_type="latent"
+    seed: int | None  # None when a caller-supplied generator was used
+    timings: dict[str, list[float]] = field(default_factory=dict)  # stage -> seconds per call
+    fps: int | None = None  # the model's default frame rate, for writing files
+
+
+def valid_frames(rule: dict, n: int) -> bool:
+    return rule["min"] <= n <= rule["max"] and (n - rule.get("offset", 0)) % rule.get("multiple", 1) == 0
+
+
+def check_frames(rule: dict, n: int) -> None:
+    """Refuse a frame count the model cannot take, naming the rule and the nearest counts it can."""
+    if valid_frames(rule, n):
+        return
+    m, off = rule.get("multiple", 1), rule.get("offset", 0)
+    lo = max(rule["min"], off + (n - off) // m * m)
+    hi = off + -(-(n - off) // m) * m
+    near = sorted({f for f in (lo, hi, rule["min"], rule["max"]) if valid_frames(rule, f)}, key=lambda f: abs(f - n))[:2]
+    form = f"{off} + k*{m}" if m > 1 else "any count"
+    raise DiffkilnError(f"num_frames={n} cannot be generated: these engines take {form} frames in "
+                        f"[{rule['min']}, {rule['max']}]; nearest allowed: {' or '.join(map(str, sorted(near)))}")
+
+
+class VideoPipeline(EnginePipeline):
+    """Base of the video families' runtime pipelines (see the module docstring for the hooks)."""
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] = "",
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        generator: np.random.Generator | None = None,
+        latents: np.ndarray | None = None,
+        output_type: str = "np",
+        callback: Callable[[int, float, np.ndarray], None] | None = None,
+        progress: bool = False,
+    ) -> VideoOutput:
+        """Generate one video per prompt. `seed` makes it reproducible on any install and backend:
+        the initial latents come from `numpy.random.Generator(numpy.random.PCG64(seed))`."""
+        d = self.settings["defaults"]
+        frames = num_frames or d["num_frames"]
+        height, width = height or d["height"], width or d["width"]
+        steps = num_inference_steps or d["num_inference_steps"]
+        guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if not prompts:
+            raise DiffkilnError("no prompt given")
+        if len(negatives) != len(prompts):
+            raise DiffkilnError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt or a single string")
+        if steps < 1:
+            raise DiffkilnError(f"num_inference_steps={steps}; expected >= 1")
+        if output_type not in ("np", "latent"):
+            raise DiffkilnError(f"output_type={output_type!r}; expected 'np' or 'latent'")
+        check_frames(self.settings["frames"], frames)
+        self.check_size(height, width)
+        rng, seed = self._rng(seed, generator)
+        shape = tuple(self.latent_shape(len(prompts), frames, height, width))
+        if latents is None:
+            latents = self.initial_latents(shape, rng)
+        elif tuple(latents.shape) != shape:
+            raise DiffkilnError(f"latents shape {tuple(latents.shape)}; expected {shape}")
+        timings: dict[str, list[float]] = {}
+        start = time.perf_counter()
+        cond = self.encode_prompt(prompts, negatives, guidance, timings)
+        latents = self.denoise(latents.astype(np.float32), cond, steps, guidance, rng, timings, callback, progress)
+        out = latents if output_type == "latent" else self.decode(latents, frames, timings)
+        timings["total"] = [time.perf_counter() - start]
+        return VideoOutput(frames=out, seed=seed, timings=timings, fps=d.get("fps"))
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple:
+        raise NotImplementedError
+
+    def initial_latents(self, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str], guidance: float, timings: dict) -> dict:
+        raise NotImplementedError
+
+    def denoise(self, latents, cond: dict, steps: int, guidance: float, rng, timings: dict, callback, progress: bool):
+        raise NotImplementedError
+
+    def decode(self, latents: np.ndarray, frames: int, timings: dict) -> np.ndarray:
+        raise NotImplementedError
+
+
+def video_pipeline_class(family: str) -> type[VideoPipeline]:
+    try:
+        module, cls = VIDEO_PIPELINES[family].split(":")
+    except KeyError:
+        raise DiffkilnError(f"family {family!r} has no video pipeline; video families: {sorted(VIDEO_PIPELINES)}") from None
+    return getattr(importlib.import_module(module), cls)
+
+
+def is_video(root: str | Path) -> bool:
+    """Whether an engine directory holds a video model (by its pipeline.json family). A directory without
+    pipeline.json is left to the loader, which names what is missing."""
+    path = Path(root) / "pipeline.json"
+    try:
+        return json.loads(path.read_text()).get("family") in VIDEO_PIPELINES
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def load_video_pipeline(root: str | Path, backend: str = "onnxruntime", target: str | None = None,
+                        precision: str | None = None, verify: bool = True, **engine_options) -> VideoPipeline:
+    """The runtime pipeline of the video family an engine directory was built for."""
+    engines, settings, scheduler, tokenizer = open_engine_dir(root, backend, target, precision, verify, **engine_options)
+    return video_pipeline_class(settings["family"])(engines, settings, scheduler, tokenizer)
