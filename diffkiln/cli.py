@@ -173,14 +173,14 @@ def cmd_sensitivity(args) -> None:
 
 
 def cmd_quality(args) -> None:
-    from diffkiln.benchmarks.quality import compare_engine_sets
+    from diffkiln.benchmarks.quality import accuracy_line, compare_engine_sets
     from diffkiln.calibration.prompts import read_prompts, split
 
     held_out = split(read_prompts(args.prompts))[1][: args.num_prompts]
     r = compare_engine_sets(args.engines, args.precision, args.reference, held_out, args.output, steps=args.steps,
                             seed=args.seed, backend=args.backend)
     print(f"{args.precision} vs {args.reference} on {r['prompts']} held-out prompts: mean PSNR {r['mean_psnr_db']:.1f} dB, "
-          f"min {r['min_psnr_db']:.1f} dB, max abs {r['max_abs']:.3g}; wrote {args.output}/quality.json, quality.png")
+          f"min {r['min_psnr_db']:.1f} dB, max abs {r['max_abs']:.3g}{accuracy_line(r['prompt_accuracy'])}; wrote {args.output}/quality.json, quality.png")
 
 
 def cmd_bench(args) -> None:
@@ -292,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("calibrate", help="collect per-layer activation ranges over calibration prompts (FP8/NVFP4 scales)")
     sp.add_argument("model", help="preset name or a local diffusers folder")
-    sp.add_argument("--prompts", default="builtin", help="'builtin' (shipped set), a .txt (one per line) or .jsonl file")
+    sp.add_argument("--prompts", default="builtin", help="'builtin' (shipped set), 'shapes' (the tiny model's captions), a .txt (one per line) or .jsonl file")
     sp.add_argument("--precision", default="fp8", choices=["fp8", "nvfp4"])
     sp.add_argument("--method", default="max", choices=["max", "percentile", "mse"], help="default amax for builds (all are stored)")
     sp.add_argument("--percentile", type=float, default=99.99)
@@ -318,7 +318,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--precision", default="fp8", help="the candidate engine set's precision")
     sp.add_argument("--reference", default="fp32", help="the reference engine set's precision")
     sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
-    sp.add_argument("--prompts", default="builtin", help="prompt set; its held-out part is used")
+    sp.add_argument("--prompts", default="builtin", help="prompt set ('builtin', 'shapes', a .txt or .jsonl); its held-out part is used")
     sp.add_argument("--num-prompts", type=int, default=16)
     sp.add_argument("--steps", type=int)
     sp.add_argument("--seed", type=int, default=0)

@@ -54,5 +54,5 @@ def test_gpu_suite_refused_without_gpu(tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(DiffkilnError, match=r"Suite gpu-sana needs an NVIDIA GPU and torch.cuda sees none"):
         run_suite(get_suite("gpu-sana"), tmp_path)
-    with pytest.raises(DiffkilnError, match=r"Unknown benchmark suite 'gpu-huge'; available: cpu-smoke, cpu-small, gpu-sana"):
+    with pytest.raises(DiffkilnError, match=r"Unknown benchmark suite 'gpu-huge'; available: cpu-smoke, cpu-small, gpu-sana, cpu-video-smoke, gpu-video"):
         get_suite("gpu-huge")

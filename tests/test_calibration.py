@@ -29,6 +29,18 @@ def test_builtin_prompts_and_split():
     assert len(held) == len(prompts) // 5 and not set(calib) & set(held)
 
 
+def test_shapes_prompts_hold_out_the_unseen_captions():
+    from diffkiln.benchmarks.quality import prompt_accuracy
+    from diffkiln.calibration.prompts import read_prompts, split
+    from diffkiln.models.shapes.dataset import caption, split_combinations
+
+    calib, held = split(read_prompts("shapes"))
+    train, unseen = split_combinations()
+    assert held == [caption(a) for a in unseen] and len(calib) == 4 * len(held)
+    assert set(calib) <= {caption(a) for a in train}
+    assert prompt_accuracy(["a cat on a sofa"], [None], [None]) is None  # not shapes captions: no grading
+
+
 def test_user_prompt_files(tmp_path):
     from diffkiln.calibration.prompts import read_prompts
 

@@ -55,9 +55,11 @@ def test_fp8_pipeline_quality_report(fp8_engines, tmp_path):
     from diffkiln.benchmarks.quality import compare_engine_sets
     from diffkiln.calibration.prompts import read_prompts, split
 
-    held = split(read_prompts())[1][:4]
+    held = split(read_prompts("shapes"))[1][:4]  # captions the tiny model never saw in training
     r = compare_engine_sets(fp8_engines, "fp8", "fp32", held, tmp_path, steps=4)
     assert r["prompts"] == 4 and r["min_psnr_db"] > 25 and r["min_ssim"] > 0.9, r
+    acc = r["prompt_accuracy"]  # the grader on both sides: FP8 must not change its verdicts here
+    assert set(acc) == {"reference", "candidate", "agree"} and acc["agree"] == 1.0, acc
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert "| prompt | seed | PSNR dB | SSIM | max abs |" in (tmp_path / "quality.md").read_text()
     from diffkiln.manifest import read_manifest

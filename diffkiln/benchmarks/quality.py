@@ -54,13 +54,14 @@ def compare_engine_sets(root: str | Path, candidate: str, reference: str, prompt
         cands.append(b)
         rows.append({"prompt": prompt, "seed": seed + i, "max_abs": float(np.abs(a - b).max()), "psnr_db": psnr(a, b),
                      "ssim": ssim(a, b)})
+    accuracy = prompt_accuracy(prompts, refs, cands)
     finite = [r["psnr_db"] for r in rows if r["psnr_db"] is not None]
     report = {
         "engines": str(root), "backend": backend, "candidate": candidate, "reference": reference,
         "prompts": len(prompts), "steps": steps, "seconds": round(time.perf_counter() - start, 2),
         "mean_psnr_db": float(np.mean(finite)) if finite else None, "min_psnr_db": min(finite) if finite else None,
         "max_abs": max(r["max_abs"] for r in rows), "mean_ssim": float(np.mean([r["ssim"] for r in rows])),
-        "min_ssim": min(r["ssim"] for r in rows), "images": rows,
+        "min_ssim": min(r["ssim"] for r in rows), "prompt_accuracy": accuracy, "images": rows,
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,15 +73,39 @@ def compare_engine_sets(root: str | Path, candidate: str, reference: str, prompt
     return report
 
 
+def prompt_accuracy(prompts: list[str], refs: list, cands: list) -> dict | None:
+    """When every prompt is a shapes caption (the tiny model's), the grader's verdict on both sides:
+    {"reference": rate, "candidate": rate, "agree": rate}; None for other prompts."""
+    from diffkiln.models.shapes.dataset import parse_caption
+    from diffkiln.models.shapes.grader import grade
+
+    try:
+        targets = [parse_caption(p) for p in prompts]
+    except ValueError:
+        return None
+    a = [grade(t, img)["ok"] for t, img in zip(targets, refs)]
+    b = [grade(t, img)["ok"] for t, img in zip(targets, cands)]
+    return {"reference": float(np.mean(a)), "candidate": float(np.mean(b)),
+            "agree": float(np.mean([x == y for x, y in zip(a, b)]))}
+
+
 def markdown(report: dict) -> str:
     lines = [f"# {report['candidate']} vs {report['reference']} ({report['backend']}), {report['prompts']} held-out prompts",
              "", f"mean PSNR {report['mean_psnr_db']:.2f} dB (min {report['min_psnr_db']:.2f}), mean SSIM "
-             f"{report['mean_ssim']:.4f} (min {report['min_ssim']:.4f}), max abs {report['max_abs']:.3g}", "",
+             f"{report['mean_ssim']:.4f} (min {report['min_ssim']:.4f}), max abs {report['max_abs']:.3g}"
+             + accuracy_line(report.get("prompt_accuracy")), "",
              "| prompt | seed | PSNR dB | SSIM | max abs |", "|---|---:|---:|---:|---:|"]
     for r in report["images"]:
         p = "—" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}"
         lines.append(f"| {r['prompt']} | {r['seed']} | {p} | {r['ssim']:.4f} | {r['max_abs']:.3g} |")
     return "\n".join(lines) + "\n"
+
+
+def accuracy_line(acc: dict | None) -> str:
+    if not acc:
+        return ""
+    return (f"; prompt accuracy (grader) {acc['reference']:.1%} reference, {acc['candidate']:.1%} candidate, "
+            f"verdicts agree on {acc['agree']:.1%}")
 
 
 def record_in_manifest(root, backend: str, precision: str, summary: dict) -> None:

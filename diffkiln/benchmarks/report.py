@@ -19,7 +19,9 @@ def _fmt(v, f=".1f", suffix=""):
 
 
 def label(case: dict) -> str:
-    return f"{case['preset']} {case['backend']}/{case['device']}/{case['precision']} {case['width']}x{case['height']} s{case['steps']} b{case['batch']}"
+    frames = f"x{case['frames']}f" if case.get("frames") else ""
+    return (f"{case['preset']} {case['backend']}/{case['device']}/{case['precision']} {case['width']}x{case['height']}{frames} "
+            f"s{case['steps']} b{case['batch']}")
 
 
 def markdown(results: dict) -> str:
@@ -32,7 +34,7 @@ def markdown(results: dict) -> str:
         + (f", GPU {gpu['name']} (sm {gpu['capability']}, {gpu['memory_gib']} GiB, CUDA {gpu['cuda']}, driver {gpu.get('driver', '?')})" if gpu else ", no GPU")
         + f". Medians over {results['repeats']} runs after {results['warmup']} warm-up; p10–p90 in brackets.",
         "",
-        "| case | engine total ms | eager total ms | speed-up | images/s | text enc. | transformer / step | VAE | host peak GiB (engine / eager) | CUDA peak GiB | image max abs / PSNR | build s | engine MB |",
+        "| case | engine total ms | eager total ms | speed-up | images (frames)/s | text enc. | denoiser / step | VAE | host peak GiB (engine / eager) | CUDA peak GiB | image max abs / PSNR | build s | engine MB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["cases"]:
@@ -43,13 +45,13 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {label(r['case'])} | {_fmt(tot['median_s'] * 1e3)} [{_fmt(tot['p10_s'] * 1e3)}–{_fmt(tot['p90_s'] * 1e3)}] "
             f"| {_fmt(_ms(b, 'total'))} | {stage('total') if b else 'no baseline: ' + r.get('eager_error', '?')} "
-            f"| {_fmt(e['images_per_s'], '.2f')} | {stage('text_encoder')} | {stage('transformer')} | {stage('vae_decoder')} "
+            f"| {_fmt(e['images_per_s'], '.2f')} | {stage('text_encoder')} | {stage('transformer') if 'transformer' in sp else stage('unet')} | {stage('vae_decoder')} "
             f"| {_fmt(e['host_peak_gib'], '.2f')} / {_fmt((b or {}).get('host_peak_gib'), '.2f')} "
             f"| {_fmt(e['cuda_peak_gib'], '.2f')} / {_fmt((b or {}).get('cuda_peak_gib'), '.2f')} "
             f"| {_fmt(q and q['max_abs'], '.1e')} / {_fmt(q and q['psnr_db'], '.1f')} dB "
             f"| {_fmt(r['build']['build_seconds'])} | {_fmt(r['build']['engine_bytes'] / 1e6)} |"
         )
-    lines += ["", "Per-stage columns are speed-ups (eager ms / engine ms); transformer is per denoising call.",
+    lines += ["", "Per-stage columns are speed-ups (eager ms / engine ms); the denoiser (transformer or UNet) is per denoising call.",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items())]
     if results.get("notes"):
         lines += ["", f"Notes: {results['notes']}"]
@@ -76,13 +78,13 @@ def plots(results: dict, out: Path) -> list[Path]:
         atomic_write_bytes(out / name, buf.getvalue())
         written.append(out / name)
 
-    stages = [s for s in STAGES if s != "total"]
+    stages = [s for s in STAGES if s != "total" and any(s in r["engine"]["stages"] for r in cases)]
     fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4 * (len(stages) + 1), 3.2 + 0.25 * len(cases)))
     for ax, stage in zip(axes, stages + ["total"]):
         y = range(len(cases))
         ax.barh([i + 0.2 for i in y], [_ms(r["engine"], stage) or 0 for r in cases], 0.4, label="engine")
         ax.barh([i - 0.2 for i in y], [_ms(r["eager"], stage) or 0 for r in cases], 0.4, label="eager")
-        ax.set_title(f"{stage} (ms{', per step' if stage == 'transformer' else ''})")
+        ax.set_title(f"{stage} (ms{', per step' if stage in ('transformer', 'unet') else ''})")
         ax.set_yticks(list(y), names if ax is axes[0] else [""] * len(cases), fontsize=7)
     axes[0].legend()
     save(fig, "latency_per_stage.png")

@@ -65,13 +65,16 @@ def build_engines(case: Case, root: Path) -> dict:
 def measure(pipe, case: Case, repeats: int, warmup: int) -> dict:
     call = dict(prompt=[PROMPT] * case.batch, num_inference_steps=case.steps, guidance_scale=case.guidance,
                 height=case.height, width=case.width, seed=0, output_type="np")
+    if case.frames:
+        call["num_frames"] = case.frames
     with PeakMemory() as mem:
         t = time_stages(pipe, repeats=repeats, warmup=warmup, **call)
-    images = t.pop("last_output").images
+    last = t.pop("last_output")
+    images = last.frames if case.frames else last.images
     total = t["total"]["median_s"]
     return {
         "stages": {k: v for k, v in t.items() if k in STAGES},
-        "images_per_s": case.batch / total if total > 0 else None,
+        "images_per_s": case.batch * (case.frames or 1) / total if total > 0 else None,  # frames/s for videos
         "host_peak_gib": round(mem.host_peak / 2**30, 3),
         "cuda_peak_gib": None if mem.cuda_peak is None else round(mem.cuda_peak / 2**30, 3),
         "images": images,
@@ -86,8 +89,8 @@ def quality(ref: np.ndarray, out: np.ndarray) -> dict:
 
 def run_case(case: Case, suite: Suite, root: Path) -> dict:
     from diffkiln.benchmarks.eager import eager_pipeline
-    from diffkiln.models.sana import load_model
-    from diffkiln.runtime.pipeline import Pipeline
+    from diffkiln.models.registry import load_model
+    from diffkiln.runtime import load_pipeline
 
     built = build_engines(case, root / "engines")
     manifest = built.pop("manifest")
@@ -96,7 +99,7 @@ def run_case(case: Case, suite: Suite, root: Path) -> dict:
     if case.backend == "onnxruntime" and case.device == "cuda":
         options = {"providers": ["CUDAExecutionProvider"]}
     target = case.device if case.backend == "aoti" else None
-    pipe = Pipeline.from_engines(engine_dir, backend=case.backend, target=target, precision=case.precision, **options)
+    pipe = load_pipeline(engine_dir, backend=case.backend, target=target, precision=case.precision, **options)
     engine = measure(pipe, case, suite.repeats, suite.warmup)
     del pipe
     record = {"case": case.to_dict(), "build": built, "engine": engine, "eager": None, "speedup": None, "quality": None}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import statistics
 
-STAGES = ("text_encoder", "transformer", "vae_decoder", "total")
+STAGES = ("text_encoder", "transformer", "unet", "vae_decoder", "total")
 
 
 def time_stages(pipe, repeats: int = 3, warmup: int = 1, **call) -> dict:
-    """Median seconds per stage over `repeats` calls after `warmup`; transformer is per denoising call."""
+    """Median seconds per stage over `repeats` calls after `warmup`; the denoiser is per denoising call."""
     for _ in range(warmup):
         pipe(**call)
     runs = [pipe(**call) for _ in range(repeats)]

@@ -21,6 +21,7 @@ class Case:
     batch: int = 1
     guidance: float = 4.5
     device: str = "cpu"  # where eager (and aoti) run
+    frames: int | None = None  # video models: frames per video (None: an image model)
 
     @property
     def engine_key(self) -> str:
@@ -43,11 +44,15 @@ class Suite:
     warmup: int = 1
     needs_gpu: bool = False
     notes: str = ""
+    # video suites: preset -> (height, width, frames), used instead of `resolutions`
+    video_sizes: tuple[tuple[str, tuple[int, int, int]], ...] = ()
 
     def cases(self) -> list[Case]:
-        return [Case(p, b, prec, h, w, s, n, device=dev)
-                for p, (b, prec, dev), (h, w), s, n in
-                itertools.product(self.presets, self.backends, self.resolutions, self.steps, self.batches)]
+        sizes = dict(self.video_sizes)
+        per_preset = {p: [sizes[p]] if p in sizes else [(h, w, None) for h, w in self.resolutions] for p in self.presets}
+        return [Case(p, b, prec, h, w, s, n, device=dev, frames=f)
+                for p, (b, prec, dev), s, n in itertools.product(self.presets, self.backends, self.steps, self.batches)
+                for h, w, f in per_preset[p]]
 
 
 SUITES: dict[str, Suite] = {s.name: s for s in [
@@ -60,6 +65,15 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           ((1024, 1024), (2048, 2048)), (20,), repeats=3, needs_gpu=True,
           notes="TensorRT-RTX has no SM90 target: on H100/H200 only full TensorRT builds there; "
                 "onnxruntime needs onnxruntime-gpu"),
+    Suite("cpu-video-smoke", "the tiny video models on CPU, seconds: every number present (CI)",
+          ("tiny-t2v-ms", "tiny-cogvideox", "tiny-sana-video"), (("onnxruntime", "fp32", "cpu"),), (), (2,), repeats=2,
+          video_sizes=(("tiny-t2v-ms", (32, 32, 8)), ("tiny-cogvideox", (32, 32, 9)), ("tiny-sana-video", (32, 32, 9)))),
+    Suite("gpu-video", "real video architectures (random weights) at their native sizes on one GPU, 20 steps",
+          ("text-to-video-ms-1.7b", "cogvideox-2b", "sana-video-2b"),
+          (("aoti", "bf16", "cuda"), ("tensorrt", "fp16", "cuda")), (), (20,), repeats=3, needs_gpu=True,
+          video_sizes=(("text-to-video-ms-1.7b", (256, 256, 16)), ("cogvideox-2b", (480, 720, 49)),
+                       ("sana-video-2b", (480, 832, 81))),
+          notes="TensorRT-RTX has no SM90 target: on H100/H200 only full TensorRT builds there"),
 ]}
 
 

@@ -2,6 +2,10 @@
 
 Every set is split the same way: each 5th prompt (indices 4, 9, ...) is held out for quality
 reports and never used to compute scales.
+
+"shapes" is the captions set of the built-in tiny model (diffkiln.models.shapes): 800 training
+captions and the dataset's 200 held-out captions, interleaved so that the split above holds out
+exactly the captions the model never saw in training. Its images can be graded (prompt accuracy).
 """
 
 from __future__ import annotations
@@ -10,13 +14,29 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 from diffkiln.errors import DiffkilnError
 
 BUILTIN = Path(__file__).with_name("prompts.txt")
 JSONL_KEYS = ("prompt", "caption", "text")
 
 
+def shapes_prompts() -> list[str]:
+    """The tiny model's captions: 4 training captions (a fixed subset), then 1 held-out, 200 times."""
+    from diffkiln.models.shapes.dataset import caption, split_combinations
+
+    train, held = split_combinations()
+    order = np.random.Generator(np.random.PCG64(0)).permutation(len(train))[: 4 * len(held)]
+    out = []
+    for i, h in enumerate(held):
+        out += [caption(train[j]) for j in order[4 * i : 4 * i + 4]] + [caption(h)]
+    return out
+
+
 def read_prompts(source: str | Path = "builtin") -> list[str]:
+    if str(source) == "shapes":
+        return shapes_prompts()
     path = BUILTIN if str(source) == "builtin" else Path(source)
     if not path.is_file():
         raise DiffkilnError(f"prompt file {path} does not exist (give a .txt with one prompt per line, a .jsonl, or 'builtin')")
