@@ -26,11 +26,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--keep", help="keep the engine directory here instead of deleting it")
     ap.add_argument("--tensorrt-sku", help="also build TensorRT engines for these SKUs (e.g. sm89)")
-    ap.add_argument("--calibration", help="calibration directory: build fp8 TensorRT engines (export --dtype float16)")
+    ap.add_argument("--calibration", help="calibration directory: build quantized TensorRT engines (export --dtype float16)")
+    ap.add_argument("--precision", default="fp8", choices=["fp8", "nvfp4"], help="with --calibration")
+    ap.add_argument("--parity-shapes", default="declared", choices=["declared", "smallest"],
+                    help="quantized graph parity at the declared shapes or only the smallest (faster on a CPU)")
     args = ap.parse_args()
 
     from diffkiln.export.pipeline import export_pipeline
-    from diffkiln.models.sana import load_model
+    from diffkiln.models.registry import load_model
 
     t0 = time.perf_counter()
     model = load_model(args.preset, args.submodels, dtype=args.dtype)
@@ -47,10 +50,10 @@ def main() -> None:
         del model
         rss_export = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         t2 = time.perf_counter()
-        precision = "fp8" if args.calibration else DTYPE_PRECISION[args.dtype]
+        precision = args.precision if args.calibration else DTYPE_PRECISION[args.dtype]
         config = TensorRTBuildConfig(skus=args.tensorrt_sku, precision=precision, use_cache=False,
                                      calibration=args.calibration)
-        manifest = build(out, out, backend="tensorrt", tensorrt=config)
+        manifest = build(out, out, backend="tensorrt", tensorrt=config, parity_shapes=args.parity_shapes)
         trt_s = time.perf_counter() - t2
     else:
         manifest = export_pipeline(model, out, overwrite=True)
@@ -73,13 +76,13 @@ def main() -> None:
     }
     kind = "export"
     if args.tensorrt_sku:
-        kind = "tensorrt-fp8" if args.calibration else "tensorrt"
+        kind = f"tensorrt-{args.precision}" if args.calibration else "tensorrt"
         if args.calibration:
-            fp8 = manifest.engine("onnxruntime", precision="fp8")
-            result["fp8"] = {k: fp8.options[k] for k in ("quality_vs_unquantized", "calibration", "scheme")}
-            result["fp8"]["quantized_layers"] = len(fp8.options["quantized_layers"])
-            result["fp8"]["parity_vs_fake_quant"] = fp8.parity["transformer"]
-            result["fp8"]["onnx_bytes"] = sum(manifest.files[f]["bytes"] for f in fp8.files["transformer"])
+            q = manifest.engine("onnxruntime", precision=args.precision)
+            result[args.precision] = {k: q.options.get(k) for k in ("quality_vs_unquantized", "calibration", "scheme")}
+            result[args.precision]["quantized_layers"] = len(q.options["quantized_layers"])
+            result[args.precision]["parity_vs_fake_quant"] = q.parity["transformer"]
+            result[args.precision]["onnx_bytes"] = sum(manifest.files[f]["bytes"] for f in q.files["transformer"])
         result["peak_rss_gib_until_export_done"] = round(rss_export, 2)
         result["tensorrt_seconds_including_copy_and_hashing"] = round(trt_s, 1)
         result["tensorrt"] = {

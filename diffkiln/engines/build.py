@@ -26,7 +26,8 @@ QUANTIZED = ("fp8", "nvfp4")  # precisions built from a calibration on top of a 
 
 def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", submodels=None,
           dtype: str | None = None, overwrite: bool = False, tensorrt=None, aoti=None,
-          precision: str | None = None, calibration: str | Path | None = None, plan: str | Path | None = None) -> Manifest:
+          precision: str | None = None, calibration: str | Path | None = None, plan: str | Path | None = None,
+          parity_shapes: str = "declared") -> Manifest:
     """Build `backend` engines for `source` into `out`.
 
     `tensorrt`: a `TensorRTBuildConfig` (required for backend "tensorrt"), `aoti`: an `AotiBuildConfig`
@@ -34,7 +35,8 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
     "onnxruntime" (default float32). FP8 / NVFP4 (`precision=` for onnxruntime, or a TensorRT config
     with that precision) need a calibration directory (`diffkiln calibrate`): the transformer is
     quantized on top of a float32 (onnxruntime) or float16 (tensorrt) export; `plan` (a sensitivity
-    plan from `diffkiln sensitivity`) limits it to the plan's layers.
+    plan from `diffkiln sensitivity`) limits it to the plan's layers. `parity_shapes="smallest"` checks the
+    quantized graph at batch 1 and the smallest latent size only (billion-parameter models on a CPU).
     """
     if backend not in BUILDABLE:
         raise DiffkilnError(f"Backend {backend!r} is not supported by `build`; supported: {BUILDABLE}")
@@ -113,11 +115,11 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
             if precision == "fp8":
                 from diffkiln.export.quantize import add_fp8_engine_set
 
-                add_fp8_engine_set(tmp, manifest, model, cal, base_precision, layers=layers)
+                add_fp8_engine_set(tmp, manifest, model, cal, base_precision, layers=layers, parity_shapes=parity_shapes)
             else:
                 from diffkiln.export.nvfp4 import add_nvfp4_engine_set
 
-                add_nvfp4_engine_set(tmp, manifest, model, cal, base_precision, layers=layers)
+                add_nvfp4_engine_set(tmp, manifest, model, cal, base_precision, layers=layers, parity_shapes=parity_shapes)
         if backend == "tensorrt":
             from diffkiln.engines.tensorrt_build import add_tensorrt_engines
 

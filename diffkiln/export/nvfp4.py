@@ -316,7 +316,7 @@ def fake_quantize_nvfp4(module, weights: dict, act_global_scales: dict[str, floa
 
 
 def add_nvfp4_engine_set(root, manifest, model, calibration, base_precision: str, method: str | None = None,
-                         layers: list[str] | None = None):
+                         layers: list[str] | None = None, parity_shapes: str = "declared"):
     """Add the engine set onnxruntime/any/nvfp4 to the engine directory being written at `root`.
 
     The transformer's ONNX (from the `base_precision` set) is rewritten twice: `transformer.nvfp4.onnx`
@@ -369,7 +369,7 @@ def add_nvfp4_engine_set(root, manifest, model, calibration, base_precision: str
     mods = dict(sub.module.transformer.named_modules())
     saved = {n: mods[n].weight.detach().clone() for n in chosen}  # the caller's model is left unquantized
     handles = fake_quantize_nvfp4(sub.module.transformer, weights, scales)
-    parity, quality = measure_quantized(sub, reference, OnnxRuntimeEngine(root / files[0], sub.spec))
+    parity, quality = measure_quantized(sub, reference, OnnxRuntimeEngine(root / files[0], sub.spec), parity_shapes)
     for h in handles:
         h.remove()
     with torch.no_grad():
