@@ -94,7 +94,8 @@ def calibrate(model, prompts: list[str], config: CalibrationConfig, out: str | P
     meta = {
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {"name": model.name, "source": model.source, "config_hash": model.config_hash()},
+        "model": {"name": model.name, "source": model.source, "config_hash": model.config_hash(),
+                  "weights": dict(getattr(model, "weights_ids", {}))},
         "config": asdict(config),
         "prompts": {"source": source, "count": len(prompts), "hash": prompts_hash(prompts)},
         "sampler": {"steps": steps, "guidance_scale": guidance, "height": p.height, "width": p.width},
@@ -137,6 +138,10 @@ def load_calibration(path: str | Path, model=None, precision: str | None = None)
     if model is not None and meta["model"]["config_hash"] != model.config_hash():
         raise DiffkilnError(f"{path} was calibrated for {meta['model']['name']} (config {meta['model']['config_hash']}); "
                             f"this model is {model.name} (config {model.config_hash()})")
+    if model is not None:
+        from diffkiln.models.identity import check_weights
+
+        check_weights(meta["model"].get("weights", {}), getattr(model, "weights_ids", {}), f"{path}: the calibration scales")
     if precision is not None and meta["config"]["precision"] != precision:
         raise DiffkilnError(f"{path} holds {meta['config']['precision']} calibration; {precision} was asked for")
     try:

@@ -30,6 +30,9 @@ def source_model(manifest: Manifest, names: list[str], dtype: str):
     if model.config_hash() != manifest.model["config_hash"]:
         raise DiffkilnError(f"{source} now has config {model.config_hash()}, the engines were built from "
                             f"{manifest.model['config_hash']}: they do not come from this model")
+    from diffkiln.models.identity import check_weights
+
+    check_weights(manifest.model.get("weights", {}), getattr(model, "weights_ids", {}), f"{source}: the engines")
     return model
 
 

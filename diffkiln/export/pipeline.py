@@ -72,7 +72,8 @@ def export_into(model, root: Path, names=None, threads: int | None = None) -> Ma
 
 def new_manifest(model, subs: dict, engines: list[EngineEntry]) -> Manifest:
     return Manifest(
-        model={"name": model.name, "source": model.source, "family": model.family, "config_hash": model.config_hash()},
+        model={"name": model.name, "source": model.source, "family": model.family, "config_hash": model.config_hash(),
+               "weights": {k: v for k, v in getattr(model, "weights_ids", {}).items() if k in subs}},
         submodels={k: s.spec for k, s in subs.items()},
         engines=engines,
     )

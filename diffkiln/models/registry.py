@@ -9,7 +9,8 @@ An adapter is a module under `diffkiln.models` exposing
 and its model objects expose
     name, source, family, tokenizer (tokenizers.Tokenizer), scheduler_config (dict)
     config_hash() -> str, pipeline_settings() -> dict (pipeline.json), submodels(names) -> {name: Submodel},
-    diffusers_pipeline() -> the diffusers pipeline over the same modules (the eager reference).
+    diffusers_pipeline() -> the diffusers pipeline over the same modules (the eager reference),
+    weights_ids: {submodel: digest} of the weights as loaded (diffkiln.models.identity; optional).
 Adapters import torch / diffusers lazily, so listing presets stays cheap.
 """
 
@@ -77,3 +78,4 @@ def all_submodel_names() -> tuple[str, ...]:
     for mod in adapters():
         seen.update(dict.fromkeys(mod.SUBMODELS))
     return tuple(seen)
+

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_write_json, sha256_json
+from diffkiln.models.identity import weights_digest
 from diffkiln.models.presets import Preset, get_preset
 from diffkiln.models.tokenizer import build_word_tokenizer
 
@@ -72,6 +73,9 @@ class SanaModel:
     transformer: object = None
     vae: object = None
     text_encoder: object = None
+    # submodel -> digest of its weights as loaded (diffkiln.models.identity): engine directories and
+    # calibrations record it, and artifacts made from other weights of the same architecture are refused
+    weights_ids: dict = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -187,7 +191,9 @@ def _build_modules(model: SanaModel, submodels, dtype, seed: int) -> None:
     if "text_encoder" in submodels:
         torch.manual_seed(seed)
         cfg = Gemma2Config(**model.text_encoder_config, attn_implementation="eager")
-        model.text_encoder = _cast(Gemma2Model(cfg), dtype)
+        text_encoder = Gemma2Model(cfg)
+        model.weights_ids["text_encoder"] = weights_digest(text_encoder)  # before any cast: see identity.py
+        model.text_encoder = _cast(text_encoder, dtype)
     built = {}
     if "transformer" in submodels:
         torch.manual_seed(seed + 1)
@@ -198,6 +204,7 @@ def _build_modules(model: SanaModel, submodels, dtype, seed: int) -> None:
     if built and model.preset.weights:
         _load_preset_weights(model, built)
     for attr, module in built.items():
+        model.weights_ids[{"transformer": "transformer", "vae": "vae_decoder"}[attr]] = weights_digest(module)
         setattr(model, attr, _cast(module, dtype))
 
 
@@ -350,7 +357,9 @@ def _load_folder(folder: Path, submodels, dtype) -> SanaModel:
     for sub in submodels:
         attr, load = loaders[sub]
         _check_safetensors(folder / attr)
-        setattr(model, attr, _cast(load(str(folder / attr)), dtype))
+        module = load(str(folder / attr))
+        model.weights_ids[sub] = weights_digest(module)
+        setattr(model, attr, _cast(module, dtype))
     return model
 
 
