@@ -197,6 +197,15 @@ def cmd_bench(args) -> None:
           f"({len(results['cases'])} cases)")
 
 
+def cmd_bench_kernels(args) -> None:
+    from diffkiln.benchmarks.kernels import run_kernel_bench
+
+    run_kernel_bench(args.output, device=args.device, small=args.small, warmup=args.warmup, repeats=args.repeats,
+                     peak_gbps=args.peak_gbps)
+    print((Path(args.output) / "results.md").read_text())
+    print(f"wrote {args.output}/results.json, results.md, speedup.png")
+
+
 def cmd_inspect(args) -> None:
     _print_summary(args.engines)
 
@@ -331,6 +340,15 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, help="timed runs per pipeline (default: the suite's)")
     sp.add_argument("-o", "--output", default="bench-results", help="results directory (engines are built inside)")
     sp.set_defaults(fn=cmd_bench)
+
+    sp = sub.add_parser("bench-kernels", help="GPU kernel benchmark: linear attention, NVFP4/FP8 linear vs eager / bf16")
+    sp.add_argument("-o", "--output", required=True, help="results directory (results.json, results.md, speedup.png)")
+    sp.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: harness smoke test (torch references)")
+    sp.add_argument("--small", action="store_true", help="tiny shapes (with --device cpu)")
+    sp.add_argument("--warmup", type=int, default=10)
+    sp.add_argument("--repeats", type=int, default=50)
+    sp.add_argument("--peak-gbps", type=float, help="peak memory bandwidth in GB/s (default: table by GPU name)")
+    sp.set_defaults(fn=cmd_bench_kernels)
 
     sp = sub.add_parser("inspect", help="summarise an engine directory's manifest")
     sp.add_argument("engines")
