@@ -73,8 +73,8 @@ def cmd_generate(args) -> None:
 
     if is_video(args.engines):
         return _generate_video(args, options)
-    if args.frames:
-        raise DiffkilnError(f"--frames: {args.engines} holds an image model")
+    if args.frames or args.lora:
+        raise DiffkilnError(f"--frames / --lora: {args.engines} holds an image model")
     pipe = Pipeline.from_engines(args.engines, backend=args.backend, target=args.target, precision=args.precision,
                                  verify=not args.no_verify, **options)
     out = pipe(
@@ -102,6 +102,9 @@ def _generate_video(args, options) -> None:
 
     pipe = load_video_pipeline(args.engines, backend=args.backend, target=args.target, precision=args.precision,
                                verify=not args.no_verify, **options)
+    if args.lora:
+        applied = pipe.set_lora(args.lora, args.lora_spatial_scale, args.lora_temporal_scale)
+        print(f"LoRA {', '.join(args.lora)} applied to {applied['lora']['weights_replaced']} weights in {applied['seconds']:.2f}s")
     out = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames,
                num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
                seed=args.seed, progress=True)
@@ -274,6 +277,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--frames", type=int, default=None, help="video models: number of frames (default: the model's)")
     sp.add_argument("--fps", type=int, default=None, help="video models: MP4 frame rate (default: the model's)")
     sp.add_argument("--codec", default="libx264", help="video models: ffmpeg codec of the MP4")
+    sp.add_argument("--lora", action="append", metavar="FILE",
+                    help="video models: LoRA safetensors (diffusers/PEFT layout) applied to the built engines; repeatable")
+    sp.add_argument("--lora-spatial-scale", type=float, default=1.0, help="scale of the LoRA's spatial layers")
+    sp.add_argument("--lora-temporal-scale", type=float, default=1.0, help="scale of the LoRA's temporal (motion) layers")
     sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
     sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU; aoti: cpu|cuda)")
     sp.add_argument("--precision", help="engine set precision, when the directory holds several")

@@ -11,7 +11,10 @@ from diffkiln.errors import DiffkilnError, require
 from diffkiln.manifest import SubmodelSpec
 
 
-def session(path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+def session(path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+            initializers: dict[str, np.ndarray] | None = None):
+    """An InferenceSession; `initializers` (name -> array in the initializer's dtype and shape) replace the
+    graph's own values of those initializers (LoRA'd weights) without touching the file."""
     ort = require("onnxruntime", "runtime")
     available = ort.get_available_providers()
     providers = providers or ["CPUExecutionProvider"]
@@ -22,8 +25,15 @@ def session(path: str | Path, providers: list[str] | None = None, threads: int |
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    # ONNX Runtime reads these buffers in place: the arrays and OrtValues must outlive the session.
+    kept = {k: np.ascontiguousarray(v) for k, v in (initializers or {}).items()}
+    values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in kept.items()}
+    for name, value in values.items():
+        opts.add_initializer(name, value)
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        sess._diffkiln_initializers = (kept, values)
+        return sess
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
         raise DiffkilnError(f"ONNX Runtime could not load {path}: {type(e).__name__}: {e}") from e
 
@@ -31,10 +41,13 @@ def session(path: str | Path, providers: list[str] | None = None, threads: int |
 class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
-    def __init__(self, path: str | Path, spec: SubmodelSpec, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path, spec: SubmodelSpec, providers: list[str] | None = None, threads: int | None = None,
+                 initializers: dict[str, np.ndarray] | None = None):
         super().__init__(spec)
         self.path = Path(path)
-        self.session = session(path, providers, threads)
+        self.providers, self.threads = providers, threads
+        self.overridden = sorted(initializers or ())  # initializers whose values replace the file's (LoRA)
+        self.session = session(path, providers, threads, initializers)
         names = [i.name for i in self.session.get_inputs()]
         if names != [t.name for t in spec.inputs]:
             raise DiffkilnError(f"{self.path.name}: graph inputs {names} do not match the manifest's {[t.name for t in spec.inputs]}")

@@ -52,6 +52,7 @@ class TensorRTBuildConfig:
     cache_dir: str | None = None  # None: $DIFFKILN_CACHE_DIR/tensorrt or ~/.cache/diffkiln/tensorrt
     use_cache: bool = True
     calibration: str | None = None  # calibration directory, for fp8
+    refittable: bool = False  # REFIT builder flag: weights replaceable after the build (LoRAs via diffkiln.runtime.lora)
     version: int = 1
 
     def __post_init__(self):
@@ -153,6 +154,8 @@ def build_engine(flavor: Flavor, onnx_path: Path, input_shapes: dict[str, tuple]
         bc.num_compute_capabilities = 1
         bc.set_compute_capability(getattr(trt.ComputeCapability, sku.upper()), 0)
     bc.builder_optimization_level = config.optimization_level
+    if config.refittable:
+        bc.set_flag(trt.BuilderFlag.REFIT)
     if config.workspace_gib:
         bc.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * (1 << 30)))
     if flavor.timing_cache and timing_cache is not None:
@@ -167,7 +170,10 @@ def build_engine(flavor: Flavor, onnx_path: Path, input_shapes: dict[str, tuple]
     bc.add_optimization_profile(opt_profile)
     serialized = builder.build_serialized_network(network, bc)
     if serialized is None:
-        raise DiffkilnError(f"{flavor.name} failed to build {onnx_path.name} for {sku} (see the TensorRT log above)")
+        # measured with tensorrt_rtx 1.7.1: REFIT builds compile kernels with CUDA, so they fail without a driver
+        hint = ("; refittable builds need an NVIDIA GPU and driver on the build machine with TensorRT-RTX"
+                if config.refittable and flavor.aot_targets and detect_gpu() is None else "")
+        raise DiffkilnError(f"{flavor.name} failed to build {onnx_path.name} for {sku} (see the TensorRT log above){hint}")
     if flavor.timing_cache and timing_cache is not None:
         atomic_write_bytes(timing_cache, memoryview(bc.get_timing_cache().serialize()).tobytes())
     return memoryview(serialized).tobytes()
@@ -216,7 +222,8 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
         spec = manifest.submodels[name]
         key = sha256_json({"onnx": [digests[f] for f in sources[name]], "flavor": flavor.name,
                            "version": flavor.version, "sku": sku, "profile": profs[name],
-                           "opt": config.optimization_level, "workspace": config.workspace_gib})[:32]
+                           "opt": config.optimization_level, "workspace": config.workspace_gib,
+                           **({"refit": True} if config.refittable else {})})[:32]
         cached = cache_dir / f"{name}-{sku}-{key}.engine"
         rel = f"{ENGINE_DIR}/{sku}-{config.precision}/{name}.engine"
         dst = root / rel

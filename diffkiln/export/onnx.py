@@ -96,6 +96,7 @@ def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool | None
             if fold:
                 model = _cleanup(model)
             files = _save(model, path)
+        weight_map = _lora_weight_map(model, sub.module)
     return {
         "files": files,
         "export_seconds": round(time.perf_counter() - start, 3),
@@ -105,7 +106,16 @@ def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool | None
         "external_data": large,
         "opset": opset,
         "bytes": sum((path.parent / f).stat().st_size for f in files),
+        "lora_weights": weight_map,
     }
+
+
+def _lora_weight_map(model, module) -> dict:
+    """{parameter: [initializer, transposed]}: where each Linear/Conv weight lives in the saved graph, checked
+    against the module's values, so LoRAs can be applied to the engine without re-exporting."""
+    from diffkiln.lora.onnx_map import onnx_weight_map
+
+    return onnx_weight_map(model, module, strict=False)
 
 
 def _cleanup(model):

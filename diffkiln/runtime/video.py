@@ -112,6 +112,14 @@ class VideoPipeline(EnginePipeline):
         timings["total"] = [time.perf_counter() - start]
         return VideoOutput(frames=out, seed=seed, timings=timings, fps=d.get("fps"))
 
+    def set_lora(self, path, spatial_scale: float = 1.0, temporal_scale: float = 1.0) -> dict:
+        """Apply a LoRA (a .safetensors file in the diffusers/PEFT layout, or several) to the denoiser engine
+        without re-exporting; `path=None` removes it. See diffkiln.runtime.lora.set_lora."""
+        from diffkiln.runtime.lora import set_lora
+
+        denoiser = next(n for n in ("unet", "transformer") if n in self.engines)
+        return set_lora(self, path, spatial_scale, temporal_scale, submodel=denoiser)
+
     # -- hooks ----------------------------------------------------------------------------------
     def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple:
         raise NotImplementedError
