@@ -110,7 +110,8 @@ def profiles(manifest: Manifest, settings: dict, config: TensorRTBuildConfig) ->
     w = (config.static_width or d["width"]) // f
     out = {}
     for name, spec in manifest.submodels.items():
-        cfg_batch = 2 if name in DENOISERS else 1  # classifier-free guidance doubles the denoiser's batch
+        # classifier-free guidance doubles the denoiser's batch; video VAEs decode `decode_chunk` frames per call
+        cfg_batch = 2 if name in DENOISERS else settings.get("decode_chunk", 1) if name == "vae_decoder" else 1
         # video models name their default frame counts per dim in pipeline.json ("opt_dims")
         opt = {**settings.get("opt_dims", {}), "batch": cfg_batch, "latent_height": h, "latent_width": w}
         used = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}

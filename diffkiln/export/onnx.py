@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import warnings
 import time
+import warnings
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
+from diffkiln.fileio import temp_file
 from diffkiln.models.submodels import Submodel
 
 OPSET = 17
@@ -127,17 +128,11 @@ def _cleanup(model):
     return gs.export_onnx(graph)
 
 
-def _tmp_name(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
 def _save(model, path: Path) -> list[str]:
     """Write atomically: temp file, then rename."""
     import onnx
 
-    tmp = _tmp_name(path)
+    tmp = temp_file(path)
     try:
         onnx.save_model(model, str(tmp))
         os.replace(tmp, path)
@@ -185,7 +180,7 @@ def _save_streaming(model, src_dir: Path, path: Path) -> list[str]:
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     data_name = f"{path.name}.data"
-    tmp_data, tmp = _tmp_name(path.parent / data_name), _tmp_name(path)
+    tmp_data, tmp = temp_file(path.parent / data_name), temp_file(path)
     try:
         with open(tmp_data, "wb") as out:
             for tensor in _all_tensors(model.graph):

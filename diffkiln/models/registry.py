@@ -58,11 +58,11 @@ def adapter_for(source: str | Path):
                 return mod
         known = [c for mod in adapters() for c in mod.PIPELINE_CLASSES]
         raise DiffkilnError(f"{path}: pipeline class {cls!r} is not supported; expected one of {known}")
-    if path.suffix or "/" in str(source):
-        raise DiffkilnError(f"{source} is neither a preset name nor an existing diffusers folder")
     for mod in adapters():
         if str(source) in mod.preset_names():
             return mod
+    if path.suffix or "/" in str(source):
+        raise DiffkilnError(f"{source} is neither a preset name nor an existing diffusers folder")
     names = [n for mod in adapters() for n in mod.preset_names()]
     raise DiffkilnError(f"Unknown preset {str(source)!r}; available presets: {', '.join(names)}")
 

@@ -3,6 +3,7 @@
 * ``DPMSolverMultistepScheduler`` with flow sigmas (Sana): DPM-Solver++ of order 1-3, midpoint or heun.
 * ``FlowMatchEulerDiscreteScheduler`` with a static ``shift``.
 * ``SCMScheduler`` (SANA-Sprint, TrigFlow): the caller passes the extra noise explicitly.
+* ``DDIMScheduler`` (ModelScope text-to-video): epsilon / sample / v_prediction, eta noise passed explicitly.
 
 Each is built from the content of ``scheduler_config.json`` by :func:`scheduler_from_config`. Config values
 these ports do not implement raise ``ValueError`` naming the key, the value and what is supported. Keys that
@@ -387,6 +388,202 @@ class SCMScheduler(Scheduler):
 _SCHEDULERS: dict[str, type[Scheduler]] = {
     cls.__name__: cls for cls in (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SCMScheduler)
 }
+
+
+class DDIMScheduler(Scheduler):
+    """DDIM (ModelScope text-to-video, Stable Diffusion): epsilon / sample / v_prediction, eta >= 0.
+
+    Timestep spacing "leading" (with ``steps_offset``), "trailing" or "linspace" as diffusers computes it;
+    ``step`` steps back ``num_train_timesteps // num_inference_steps`` whatever the spacing, as diffusers does.
+    ``alphas_cumprod`` is accumulated in float64 and rounded to float32, like torch's CPU cumprod.
+    With ``eta > 0`` the caller passes the standard-normal ``variance_noise`` (diffusers' ``randn_tensor``).
+    """
+
+    _defaults = {
+        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "trained_betas": None, "clip_sample": True, "set_alpha_to_one": True, "steps_offset": 0,
+        "prediction_type": "epsilon", "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+        "clip_sample_range": 1.0, "sample_max_value": 1.0, "timestep_spacing": "leading",
+        "rescale_betas_zero_snr": False,
+    }
+    _supported = {
+        "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+        "prediction_type": ("epsilon", "sample", "v_prediction"),
+        "timestep_spacing": ("leading", "trailing", "linspace"),
+        "thresholding": (False,), "rescale_betas_zero_snr": (False,),
+    }
+
+    def __init__(self, config: dict) -> None:
+        super().__init__(config)
+        c = self.config
+        T = c["num_train_timesteps"]
+        if c["trained_betas"] is not None:
+            betas = np.asarray(c["trained_betas"], dtype=np.float64).astype(np.float32)
+        elif c["beta_schedule"] == "linear":
+            betas = _torch_linspace_f32(c["beta_start"], c["beta_end"], T)
+        elif c["beta_schedule"] == "scaled_linear":
+            betas = _torch_linspace_f32(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T) ** 2
+        else:  # squaredcos_cap_v2: the cosine alpha-bar of improved DDPM, in float64, capped at 0.999
+            bar = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+            betas = np.array([min(1 - bar((i + 1) / T) / bar(i / T), 0.999) for i in range(T)]).astype(np.float32)
+        self.betas = betas.astype(np.float32)
+        self.alphas = (F32(1.0) - self.betas).astype(np.float32)
+        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(np.float32)
+        self.final_alpha_cumprod = F32(1.0) if c["set_alpha_to_one"] else self.alphas_cumprod[0]
+        self.init_noise_sigma = 1.0
+        self.timesteps = np.arange(T)[::-1].astype(np.int64)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Integer timesteps, high to low, by ``timestep_spacing``."""
+        T, c = self.config["num_train_timesteps"], self.config
+        if not 1 <= num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps={num_inference_steps}; expected 1..{T} (num_train_timesteps)")
+        if c["timestep_spacing"] == "linspace":
+            timesteps = np.linspace(0, T - 1, num_inference_steps).round()[::-1].astype(np.int64)
+        elif c["timestep_spacing"] == "leading":
+            ratio = T // num_inference_steps
+            timesteps = (np.arange(num_inference_steps) * ratio).round()[::-1].astype(np.int64) + c["steps_offset"]
+        else:
+            timesteps = np.round(np.arange(T, 0, -T / num_inference_steps)).astype(np.int64) - 1
+        self.timesteps = timesteps.copy()
+        self._reset(num_inference_steps)
+
+    def _alpha_prod(self, t: int) -> np.float32:
+        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, eta: float = 0.0,
+             variance_noise: np.ndarray | None = None) -> np.ndarray:
+        """One DDIM update from ``timestep`` to ``timestep - T // n``; returns ``prev_sample``."""
+        if self.num_inference_steps is None:
+            raise ValueError("DDIMScheduler: call set_timesteps() before step()")
+        t = int(_scalar_timestep(timestep))
+        T = self.config["num_train_timesteps"]
+        if not 0 <= t < T:
+            raise ValueError(f"DDIMScheduler: timestep {t} is outside 0..{T - 1}")
+        prev_t = t - T // self.num_inference_steps
+        a_t, a_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
+        b_t = F32(1.0) - a_t
+        sqrt_a, sqrt_b = np.sqrt(a_t), np.sqrt(b_t)
+        eps = np.asarray(model_output, dtype=np.float32)
+        x = np.asarray(sample, dtype=np.float32)
+        kind = self.config["prediction_type"]
+        if kind == "epsilon":
+            x0, pred_eps = (x - sqrt_b * eps) / sqrt_a, eps
+        elif kind == "sample":
+            x0 = eps
+            pred_eps = (x - sqrt_a * x0) / sqrt_b
+        else:  # v_prediction
+            x0, pred_eps = sqrt_a * x - sqrt_b * eps, sqrt_a * eps + sqrt_b * x
+        if self.config["clip_sample"]:
+            r = F32(self.config["clip_sample_range"])
+            x0 = np.clip(x0, -r, r)
+        variance = ((F32(1.0) - a_prev) / b_t) * (F32(1.0) - a_t / a_prev)
+        std = F32(eta) * np.sqrt(variance)
+        prev = np.sqrt(a_prev) * x0 + np.sqrt(F32(1.0) - a_prev - std * std) * pred_eps
+        if eta > 0:
+            if variance_noise is None:
+                raise ValueError("DDIMScheduler.step: eta > 0 needs `variance_noise` (standard normal, the sample's shape)")
+            prev = prev + std * np.asarray(variance_noise, dtype=np.float32)
+        return prev.astype(np.asarray(model_output).dtype, copy=False)
+
+
+_SCHEDULERS[DDIMScheduler.__name__] = DDIMScheduler
+
+
+def _torch_linspace_f64(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps, dtype=torch.float64)``: torch's two-sided CPU formula."""
+    if steps == 1:
+        return np.array([start], dtype=np.float64)
+    step = (end - start) / (steps - 1)
+    idx = np.arange(steps)
+    return np.where(idx < steps // 2, start + step * idx, end - step * (steps - 1 - idx))
+
+
+class CogVideoXDDIMScheduler(DDIMScheduler):
+    """diffusers' CogVideoXDDIMScheduler: DDIM over an SNR-shifted schedule (CogVideoX).
+
+    Differs from ``DDIMScheduler``: ``alphas_cumprod`` is divided by ``snr_shift_scale + (1 - snr_shift_scale)
+    * alphas_cumprod`` (SD3-style SNR shift) and optionally rescaled to zero terminal SNR; the table stays in
+    the betas' dtype (float64 for "scaled_linear", float32 otherwise) as in diffusers; ``step`` is the
+    deterministic update ``a_t * x + b_t * x0`` (no eta, no clipping: diffusers ignores both here).
+    Timesteps (``set_timesteps``) are DDIMScheduler's.
+    """
+
+    _defaults = {
+        "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "trained_betas": None, "clip_sample": True, "set_alpha_to_one": True, "steps_offset": 0,
+        "prediction_type": "epsilon", "clip_sample_range": 1.0, "sample_max_value": 1.0,
+        "timestep_spacing": "leading", "rescale_betas_zero_snr": False, "snr_shift_scale": 3.0,
+    }
+    _supported = {
+        "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+        "prediction_type": ("epsilon", "sample", "v_prediction"),
+        "timestep_spacing": ("leading", "trailing", "linspace"),
+    }
+
+    def __init__(self, config: dict) -> None:
+        Scheduler.__init__(self, config)
+        c = self.config
+        T = c["num_train_timesteps"]
+        if c["trained_betas"] is not None:
+            betas = np.asarray(c["trained_betas"], dtype=np.float64).astype(np.float32)
+        elif c["beta_schedule"] == "linear":
+            betas = _torch_linspace_f32(c["beta_start"], c["beta_end"], T)
+        elif c["beta_schedule"] == "scaled_linear":  # float64 here, unlike DDIMScheduler
+            betas = _torch_linspace_f64(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T) ** 2
+        else:
+            bar = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+            betas = np.array([min(1 - bar((i + 1) / T) / bar(i / T), 0.999) for i in range(T)]).astype(np.float32)
+        dt = betas.dtype.type
+        self.betas = betas
+        self.alphas = dt(1.0) - betas
+        ac = np.cumprod(self.alphas.astype(np.float64)).astype(betas.dtype)
+        snr = c["snr_shift_scale"]
+        ac = ac / (dt(snr) + dt(1 - snr) * ac)
+        if c["rescale_betas_zero_snr"]:
+            root = np.sqrt(ac)
+            r0, rT = root[0], root[-1]
+            root = (root - rT) * (r0 / (r0 - rT))
+            ac = root**2
+        self.alphas_cumprod = ac.astype(betas.dtype)
+        self.final_alpha_cumprod = F32(1.0) if c["set_alpha_to_one"] else self.alphas_cumprod[0]
+        self.init_noise_sigma = 1.0
+        self.timesteps = np.arange(T)[::-1].astype(np.int64)
+        self.pred_original_sample: np.ndarray | None = None
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
+        """One update from ``timestep`` to ``timestep - T // n``; returns ``prev_sample`` (``x0`` is kept in
+        ``pred_original_sample``). Coefficients in the table's dtype, rounded to float32 before they scale
+        the float32 tensors, as torch does with 0-d tensors."""
+        if self.num_inference_steps is None:
+            raise ValueError("CogVideoXDDIMScheduler: call set_timesteps() before step()")
+        t = int(_scalar_timestep(timestep))
+        T = self.config["num_train_timesteps"]
+        if not 0 <= t < T:
+            raise ValueError(f"CogVideoXDDIMScheduler: timestep {t} is outside 0..{T - 1}")
+        prev_t = t - T // self.num_inference_steps
+        a = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        a_prev = np.result_type(a, a_prev).type(a_prev)
+        one = a.dtype.type(1.0)
+        b = one - a
+        x = np.asarray(sample, dtype=np.float32)
+        out = np.asarray(model_output, dtype=np.float32)
+        kind = self.config["prediction_type"]
+        if kind == "epsilon":
+            x0 = (x - F32(np.sqrt(b)) * out) / F32(np.sqrt(a))
+        elif kind == "sample":
+            x0 = out
+        else:  # v_prediction
+            x0 = F32(np.sqrt(a)) * x - F32(np.sqrt(b)) * out
+        coef_x = np.sqrt((one - a_prev) / (one - a))
+        coef_x0 = np.sqrt(a_prev) - np.sqrt(a) * coef_x
+        self.pred_original_sample = x0
+        prev = F32(coef_x) * x + F32(coef_x0) * x0
+        return prev.astype(np.asarray(model_output).dtype, copy=False)
+
+
+_SCHEDULERS[CogVideoXDDIMScheduler.__name__] = CogVideoXDDIMScheduler
 
 
 def scheduler_from_config(config: dict) -> Scheduler:

@@ -51,13 +51,13 @@ def check_frames(rule: dict, n: int) -> None:
     """Refuse a frame count the model cannot take, naming the rule and the nearest counts it can."""
     if valid_frames(rule, n):
         return
-    m, off = rule.get("multiple", 1), rule.get("offset", 0)
-    lo = max(rule["min"], off + (n - off) // m * m)
-    hi = off + -(-(n - off) // m) * m
-    near = sorted({f for f in (lo, hi, rule["min"], rule["max"]) if valid_frames(rule, f)}, key=lambda f: abs(f - n))[:2]
-    form = f"{off} + k*{m}" if m > 1 else "any count"
-    raise DiffkilnError(f"num_frames={n} cannot be generated: these engines take {form} frames in "
-                        f"[{rule['min']}, {rule['max']}]; nearest allowed: {' or '.join(map(str, sorted(near)))}")
+    m, off, lo, hi = rule.get("multiple", 1), rule.get("offset", 0), rule["min"], rule["max"]
+    below, above = off + (n - off) // m * m, off + -(-(n - off) // m) * m  # the rule's counts around n
+    near = sorted({min(max(f, lo), hi) for f in (below, above)})
+    near = [f for f in near if valid_frames(rule, f)]
+    form = f"{off} + k*{m} frames" if m > 1 else "a frame count"
+    raise DiffkilnError(f"num_frames={n} cannot be generated: these engines take {form} in [{lo}, {hi}]; "
+                        f"nearest allowed: {' or '.join(map(str, near))}")
 
 
 class VideoPipeline(EnginePipeline):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
+from diffkiln.fileio import temp_file
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -35,9 +35,7 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 8, codec: str = "
     if pix_fmt == "yuv420p" and (h % 2 or w % 2):
         raise DiffkilnError(f"{w}x{h} frames: yuv420p needs even width and height; use pix_fmt='yuv444p'")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".mp4", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file(path, suffix=path.suffix or ".mp4")  # ffmpeg picks the container from the suffix
     try:
         writer = imageio_ffmpeg.write_frames(tmp, (w, h), fps=fps, codec=codec, quality=quality,
                                              pix_fmt_out=pix_fmt, macro_block_size=1, ffmpeg_log_level="error")
@@ -45,7 +43,6 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 8, codec: str = "
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))
         writer.close()
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
