@@ -136,10 +136,10 @@ def test_cogvideox_ddim_matches_diffusers(variant, steps):
         assert np.abs(x - xt.numpy()).max() < atol, int(t)
 
 
-@pytest.mark.parametrize("frames,dynamic_cfg,out_frames", [(17, False, 17), (9, True, 9), (13, False, 16)])
+@pytest.mark.parametrize("frames,dynamic_cfg,out_frames", [(17, False, 17), (9, True, 9)])
 def test_runtime_matches_diffusers_pipeline(model, pipe, frames, dynamic_cfg, out_frames):
-    """17 frames: latent chunks [3, 2] (odd first chunk + carried cache); 9 frames: one chunk, dynamic CFG;
-    13 frames: chunks [2, 2], which diffusers decodes to 16 frames (reproduced, not corrected)."""
+    """17 frames: latent chunks [3, 2] (odd first chunk + carried cache); 9 frames: one chunk, dynamic CFG.
+    (13 frames would be chunks [2, 2], which diffusers decodes to 16 frames: the runtime refuses 13, see below.)"""
     shape = pipe.latent_shape(2, frames, 32, 32)
     assert shape == (2, (frames - 1) // 4 + 1, 4, 4, 4)
     latents = np.random.default_rng(frames).standard_normal(shape, dtype=np.float32)
@@ -166,8 +166,10 @@ def test_tokenizer_matches_diffusers_t5_call(model, pipe):
 
 
 def test_frame_count_error_names_the_rule(pipe):
-    with pytest.raises(DiffkilnError, match=r"num_frames=10 .*1 \+ k\*4 frames in \[5, 17\]; nearest allowed: 9 or 13"):
+    with pytest.raises(DiffkilnError, match=r"num_frames=10 .*1 \+ k\*8 frames in \[5, 17\]; nearest allowed: 9 or 17"):
         pipe("a cat", num_frames=10, num_inference_steps=1)
+    with pytest.raises(DiffkilnError, match=r"num_frames=13 .*1 \+ k\*8 frames"):  # diffusers would return 16
+        pipe("a cat", num_frames=13, num_inference_steps=1)
     with pytest.raises(DiffkilnError, match=r"num_frames=21 .*\[5, 17\]; nearest allowed: .*17"):
         pipe("a cat", num_frames=21, num_inference_steps=1)
 

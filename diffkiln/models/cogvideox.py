@@ -363,7 +363,9 @@ class CogVideoXModel:
             "min_pixels": p.min_pixels,
             "max_pixels": p.max_pixels,
             "max_batch": p.max_batch,
-            "frames": {"min": p.min_frames, "max": p.max_frames, "multiple": self.temporal_compression, "offset": 1},
+            # 1 + 8k frames: the VAE decodes latent frames in pairs after an odd first chunk, so an even number of
+            # latent frames (13, 21, ... video frames) would come back as 3 frames more than asked (diffusers does that)
+            "frames": {"min": p.min_frames, "max": p.max_frames, "multiple": 2 * self.temporal_compression, "offset": 1},
             # TensorRT profiles: the "opt" point of the dims that are not batch or resolution
             "opt_dims": {"latent_frames": self.latent_frames(p.num_frames), "chunk_frames": 2,
                          "cache_numel": self.cache_per_latent_pixel() * (p.height // f) * (p.width // f)},
