@@ -11,6 +11,9 @@ from diffkiln.errors import DiffkilnError, require
 from diffkiln.manifest import SubmodelSpec
 
 
+PREPACK_LIMIT_BYTES = 1 << 30  # graphs with more external weight bytes than this are not pre-packed
+
+
 def session(path: str | Path, providers: list[str] | None = None, threads: int | None = None,
             initializers: dict[str, np.ndarray] | None = None):
     """An InferenceSession; `initializers` (name -> array in the initializer's dtype and shape) replace the
@@ -23,6 +26,11 @@ def session(path: str | Path, providers: list[str] | None = None, threads: int |
         raise DiffkilnError(f"ONNX Runtime providers {unavailable} are not available here; available: {available}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    data = Path(f"{path}.data")
+    if data.is_file() and data.stat().st_size > PREPACK_LIMIT_BYTES:
+        # pre-packing keeps a second, re-laid-out copy of every MatMul weight: 2x the host memory of a
+        # billion-parameter graph (what an export's parity check could not afford next to the eager model)
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
     # ONNX Runtime reads these buffers in place: the arrays and OrtValues must outlive the session.

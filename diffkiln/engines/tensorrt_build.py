@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -149,7 +150,35 @@ def build_engine(flavor: Flavor, onnx_path: Path, input_shapes: dict[str, tuple]
                  sku: str, config: TensorRTBuildConfig, timing_cache: Path | None = None) -> bytes:
     """Parse `onnx_path` strongly typed and build one serialized engine for `sku`."""
     trt = flavor.module
-    builder, network, _parser = _parse(trt, flavor, onnx_path)
+    with tempfile.TemporaryDirectory(prefix="diffkiln-plugins-") as tmp:
+        builder, network, _parser = _parse(trt, flavor, _with_plugins(flavor, onnx_path, sku, Path(tmp)))
+        return _build(trt, flavor, builder, network, onnx_path, input_shapes, profile, sku, config, timing_cache)
+
+
+def _with_plugins(flavor: Flavor, onnx_path: Path, sku: str, tmp: Path) -> Path:
+    """Full TensorRT takes diffkiln's fused ONNX nodes as plugins (diffkiln.plugins.tensorrt_plugins): register
+    them and write the graph they parse from into `tmp`. Other flavors, or graphs without such nodes, parse
+    `onnx_path` as it is. Unverified: full TensorRT cannot be installed where diffkiln is developed."""
+    if not flavor.plugin_layer:
+        return onnx_path
+    import onnx
+
+    from diffkiln.plugins.onnx_ops import count_custom_nodes
+
+    if not count_custom_nodes(onnx.load(str(onnx_path), load_external_data=False)):
+        return onnx_path
+    from diffkiln.export.onnx import save_model
+    from diffkiln.plugins.tensorrt_plugins import prepare_for_tensorrt, register_plugins
+
+    model = onnx.load(str(onnx_path))
+    register_plugins(cc=int(sku[2:]))
+    prepare_for_tensorrt(model)
+    save_model(model, tmp / onnx_path.name, external=Path(f"{onnx_path}.data").is_file())
+    return tmp / onnx_path.name
+
+
+def _build(trt, flavor: Flavor, builder, network, onnx_path: Path, input_shapes: dict, profile: dict, sku: str,
+           config: TensorRTBuildConfig, timing_cache: Path | None) -> bytes:
     bc = builder.create_builder_config()
     if flavor.aot_targets:
         bc.num_compute_capabilities = 1
