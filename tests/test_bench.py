@@ -1,4 +1,4 @@
-"""`diffkiln bench --suite cpu-smoke`: engines and eager in one run; every number present, files written."""
+"""`diffkiln bench --suite cpu-smoke | cpu-video-smoke`: engines and eager in one run; every number present, files written."""
 
 import json
 import math
@@ -44,6 +44,24 @@ def test_cpu_smoke_suite(tmp_path, capsys):
         assert Image.open(tmp_path / png).size[0] > 300
 
 
+def test_cpu_video_smoke_suite(tmp_path):
+    """The three tiny video families through the same harness: frames per second, the UNet or transformer
+    as the denoiser stage, the video vs eager's to float precision."""
+    from diffkiln.benchmarks.run import run_suite
+    from diffkiln.benchmarks.suites import get_suite
+
+    results = run_suite(get_suite("cpu-video-smoke"), tmp_path, repeats=1)
+    assert [c["case"]["preset"] for c in results["cases"]] == ["tiny-t2v-ms", "tiny-cogvideox", "tiny-sana-video"]
+    for case in results["cases"]:
+        denoiser = "unet" if case["case"]["preset"] == "tiny-t2v-ms" else "transformer"
+        assert set(case["speedup"]) == {"text_encoder", denoiser, "vae_decoder", "total"}, case["speedup"]
+        assert all(finite(v) and v > 0 for v in case["speedup"].values())
+        assert case["case"]["frames"] in (8, 9) and finite(case["engine"]["images_per_s"])
+        assert case["quality"]["max_abs"] < 1e-4, case["quality"]
+        assert max(case["build"]["parity_max_abs"].values()) < 1e-4
+    assert "32x32x8f s2 b1" in (tmp_path / "results.md").read_text()
+
+
 def test_gpu_suite_refused_without_gpu(tmp_path):
     import torch
 
@@ -54,5 +72,7 @@ def test_gpu_suite_refused_without_gpu(tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(DiffkilnError, match=r"Suite gpu-sana needs an NVIDIA GPU and torch.cuda sees none"):
         run_suite(get_suite("gpu-sana"), tmp_path)
+    with pytest.raises(DiffkilnError, match=r"Suite gpu-video needs an NVIDIA GPU"):
+        run_suite(get_suite("gpu-video"), tmp_path)
     with pytest.raises(DiffkilnError, match=r"Unknown benchmark suite 'gpu-huge'; available: cpu-smoke, cpu-small, gpu-sana, cpu-video-smoke, gpu-video"):
         get_suite("gpu-huge")

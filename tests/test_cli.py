@@ -65,3 +65,28 @@ def test_demo(tmp_path, capsys):
     for stage in ("text_encoder", "transformer", "vae_decoder", "total", "image"):
         assert f"| {stage} |" in out
     assert Image.open(tmp_path / "demo.png").size == (64, 64)
+
+
+def test_generate_video_writes_mp4_and_frame_grid(tmp_path, capsys):
+    """`generate` on a video engine directory: MP4 (decoded back) + frame grid, --lora on the built engines,
+    and a frame count the model cannot take refused with the rule."""
+    from diffkiln.engines.build import build
+    from diffkiln.lora.reference import make_motion_lora
+    from diffkiln.models.registry import load_model
+    from diffkiln.runtime.video_io import read_mp4
+
+    engines = tmp_path / "t2v"
+    build("tiny-t2v-ms", engines)
+    out = tmp_path / "cat.mp4"
+    assert run("generate", "--engines", engines, "--prompt", "a cat", "--frames", 8, "--steps", 2, "-o", out) == 0
+    assert "wrote" in capsys.readouterr().out
+    frames = read_mp4(out)
+    assert frames.shape == (8, 32, 32, 3) and frames.std() > 1  # a decoded video, not a constant
+    assert Image.open(out.with_suffix(".png")).size == (8 * 32, 32)
+    lora = make_motion_lora(load_model("tiny-t2v-ms", ["unet"]).unet, tmp_path / "motion.safetensors", seed=3)
+    moved = tmp_path / "moved.mp4"
+    assert run("generate", "--engines", engines, "--prompt", "a cat", "--frames", 8, "--steps", 2, "-o", moved,
+               "--lora", lora, "--lora-temporal-scale", "1.5") == 0
+    assert "LoRA" in capsys.readouterr().out and np.abs(read_mp4(moved).astype(int) - frames).max() > 0
+    assert run("generate", "--engines", engines, "--prompt", "a cat", "--frames", 17, "-o", tmp_path / "x.mp4") == 2
+    assert "num_frames=17 cannot be generated" in capsys.readouterr().err
