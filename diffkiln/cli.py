@@ -44,7 +44,8 @@ def cmd_build(args) -> None:
             skus=args.sku, precision=args.precision or "fp16", mode="static" if args.static else "dynamic",
             static_height=args.static_height, static_width=args.static_width, static_batch=args.static_batch,
             optimization_level=args.opt_level, workspace_gib=args.workspace_gib, jobs=args.jobs,
-            cache_dir=args.cache_dir, use_cache=not args.no_cache, calibration=args.calibration)
+            cache_dir=args.cache_dir, use_cache=not args.no_cache, calibration=args.calibration,
+            refittable=args.refittable)
     elif args.sku:
         raise DiffkilnError("--sku applies to --backend tensorrt")
     aoti = None
@@ -254,6 +255,8 @@ def parser() -> argparse.ArgumentParser:
     g = sp.add_argument_group("tensorrt", "TensorRT engines per GPU SKU (TensorRT-RTX builds them without a GPU)")
     g.add_argument("--sku", help="GPU SKUs, comma-separated: sm75,sm80,sm86,sm89,sm120,sm121 (TensorRT-RTX targets)")
     g.add_argument("--static", action="store_true", help="fix batch and resolution (default: the declared dynamic ranges)")
+    g.add_argument("--refittable", action="store_true",
+                   help="engines whose weights can be replaced (LoRAs) without a rebuild; TensorRT-RTX needs a GPU for these")
     g.add_argument("--static-height", type=int, help="static resolution in pixels (default: the model's default)")
     g.add_argument("--static-width", type=int)
     g.add_argument("--static-batch", type=int, default=1, help="images per call for static engines (CFG doubles it)")

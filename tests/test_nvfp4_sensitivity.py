@@ -88,6 +88,35 @@ def test_ort_decomposition_is_the_torch_activation_math():
     assert float(fq[1, 2, 32:48].abs().max()) == pytest.approx(6 * 448 * gs)
 
 
+def test_weight_behind_a_transpose_is_quantized_and_the_transpose_dropped():
+    """Large exports skip constant folding, so a MatMul weight is Transpose(initializer [N, K]): the NVFP4 graph
+    must equal the folded graph's, with the Transpose and the full-precision initializer gone."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from diffkiln.export.nvfp4 import insert_nvfp4
+    from diffkiln.plugins.formats import nvfp4_quantize
+
+    k, n = 32, 16
+    w = torch.randn(n, k)
+    q = nvfp4_quantize(w)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["w_nk"], ["w_kn"], name="/m/lin/Transpose", perm=[1, 0]),
+         helper.make_node("MatMul", ["x", "w_kn"], ["y"], name="/m/lin/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", n])],
+        [numpy_helper.from_array(w.numpy(), "w_nk")])
+    unfolded, done = insert_nvfp4(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]),
+                                  {"lin": q}, {"lin": 0.01}, "/m/", "onnxruntime")
+    folded, _ = insert_nvfp4(_one_matmul(k, n), {"lin": q}, {"lin": 0.01}, "/m/", "onnxruntime")
+    assert done == ["lin"] and not any(nd.op_type == "Transpose" for nd in unfolded.graph.node)
+    assert "w_nk" not in {t.name for t in unfolded.graph.initializer}
+    x = np.random.default_rng(0).standard_normal((2, 3, k)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    np.testing.assert_array_equal(run(unfolded), run(folded))
+
+
 def test_insert_refuses_k_not_a_multiple_of_16():
     import torch
 

@@ -94,6 +94,11 @@ def insert_nvfp4(model, weights: dict, act_global_scales: dict[str, float], pref
     ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in vis if vi.type.tensor_type.HasField("shape")}
     g = model.graph
     inits = {t.name: t for t in g.initializer}
+    # Large exports are not constant-folded: a MatMul's weight is then Transpose(initializer). Its values come from
+    # the module anyway (only the shape is read here), so such a weight is used through its initializer's shape.
+    transposed = {nd.output[0]: nd for nd in g.node if nd.op_type == "Transpose" and nd.input[0] in inits
+                  and [a.ints for a in nd.attribute if a.name == "perm"] in ([], [[1, 0]])
+                  and len(inits[nd.input[0]].dims) == 2}
     types.update({t.name: t.data_type for t in g.initializer})
     nodes: list = []
     new_inits: list = []
@@ -248,9 +253,12 @@ def insert_nvfp4(model, weights: dict, act_global_scales: dict[str, float], pref
         q, gs = weights[layer], act_global_scales[layer]
         tag = nd.name.rsplit("/", 1)[0]
         w_name = nd.input[1]
-        if w_name not in inits:
+        if w_name in transposed:
+            wshape = list(reversed(inits[transposed[w_name].input[0]].dims))
+        elif w_name in inits:
+            wshape = list(inits[w_name].dims)
+        else:
             raise DiffkilnError(f"{nd.name}: the weight {w_name!r} is not an initializer; cannot quantize it offline")
-        wshape = list(inits[w_name].dims)
         n, k = q.shape
         if nd.op_type == "Conv":
             layout, expect = "conv", [n, k, 1, 1]
@@ -278,6 +286,8 @@ def insert_nvfp4(model, weights: dict, act_global_scales: dict[str, float], pref
         nd.input[0], nd.input[1] = x, w
         done.append(layer)
         nodes.append(nd)
+    consumed = {i for nd in nodes for i in nd.input} | {o.name for o in g.output}
+    nodes = [nd for nd in nodes if nd.output[0] not in transposed or nd.output[0] in consumed]  # bypassed Transposes
     replace_nodes(g, nodes, weights, done)
     g.initializer.extend(new_inits)
     used = {i for nd in g.node for i in nd.input} | {o.name for o in g.output}
