@@ -24,24 +24,25 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.fileio import sha256_json
+from diffkiln.models.loading import (
+    GENERIC_CONFIG_KEYS,
+    cast,
+    check_safetensors,
+    config_hash,
+    read_json,
+    torch_dtype,
+)
 
 FAMILY = "cogvideox"
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")
 PIPELINE_CLASSES = {"CogVideoXPipeline": FAMILY}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2
-# transformers config keys that say nothing about the architecture
-GENERIC_CONFIG_KEYS = {"transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
-                       "torch_dtype", "chunk_size_feed_forward", "id2label", "label2id", "problem_type",
-                       "use_cache", "model_type", "_name_or_path", "decoder_start_token_id", "is_encoder_decoder"}
 
 # ---------------------------------------------------------------------------------------------------
 # presets
@@ -326,19 +327,8 @@ class CogVideoXModel:
         import diffusers
         from transformers import T5Config
 
-        def with_defaults(cls, conf):
-            params = inspect.signature(cls.__init__).parameters
-            return {k: conf.get(k, p.default) for k, p in params.items() if k != "self" and p.kind == p.POSITIONAL_OR_KEYWORD}
-
-        text = {k: v for k, v in T5Config(**self.text_encoder_config).to_dict().items() if k not in GENERIC_CONFIG_KEYS}
-        sched = diffusers.CogVideoXDDIMScheduler.from_config(self.scheduler_config).config
-        return sha256_json([
-            FAMILY,
-            with_defaults(diffusers.CogVideoXTransformer3DModel, self.transformer_config),
-            with_defaults(diffusers.AutoencoderKLCogVideoX, self.vae_config),
-            text,
-            {k: v for k, v in sched.items() if not k.startswith("_")},
-        ])[:16]
+        return config_hash(FAMILY, (diffusers.CogVideoXTransformer3DModel, self.transformer_config), (diffusers.AutoencoderKLCogVideoX, self.vae_config),
+                           T5Config(**self.text_encoder_config), self.scheduler_config)
 
     def cache_layout(self) -> list[tuple[int, int]]:
         """(channels, spatial scale vs the latent) of each conv-cache slot of the VAE decode step, in order."""
@@ -400,38 +390,15 @@ class CogVideoXModel:
 # loading
 
 
-def _torch_dtype(dtype: str):
-    import torch
-
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    except KeyError:
-        raise DiffkilnError(f"dtype {dtype!r}; expected float32, float16 or bfloat16") from None
-
-
-def _cast(module, dtype):
-    """eval mode, cast only when needed (diffusers' note on `.to(dtype)` silenced, as in the Sana adapter)."""
-    if next(module.parameters()).dtype == dtype:
-        return module.eval()
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        return module.to(dtype).eval()
-    finally:
-        dlog.set_verbosity(level)
-
-
 def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") -> CogVideoXModel:
     """A preset name or a local diffusers folder -> CogVideoXModel with the requested modules built/loaded."""
-    torch_dtype = _torch_dtype(dtype)
+    tdtype = torch_dtype(dtype)
     unknown = set(submodels) - set(SUBMODELS)
     if unknown:
         raise DiffkilnError(f"Unknown submodel(s) {sorted(unknown)}; expected some of {SUBMODELS}")
     path = Path(source)
     if path.is_dir():
-        return _load_folder(path, submodels, torch_dtype)
+        return _load_folder(path, submodels, tdtype)
     if path.suffix or "/" in str(source):
         raise DiffkilnError(f"{source} is neither a preset name nor an existing diffusers folder")
     preset = get_preset(str(source))
@@ -446,7 +413,7 @@ def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") 
         scheduler_config=dict(preset.scheduler),
         tokenizer=build_t5_word_tokenizer([" ".join(preset.extra_vocab)], preset.text_encoder["vocab_size"]),
     )
-    _build_modules(model, submodels, torch_dtype, preset.seed)
+    _build_modules(model, submodels, tdtype, preset.seed)
     return model
 
 
@@ -458,35 +425,13 @@ def _build_modules(model: CogVideoXModel, submodels, dtype, seed: int) -> None:
 
     if "text_encoder" in submodels:
         torch.manual_seed(seed)
-        model.text_encoder = _cast(T5EncoderModel(T5Config(**model.text_encoder_config)), dtype)
+        model.text_encoder = cast(T5EncoderModel(T5Config(**model.text_encoder_config)), dtype)
     if "transformer" in submodels:
         torch.manual_seed(seed + 1)
-        model.transformer = _cast(CogVideoXTransformer3DModel(**model.transformer_config), dtype)
+        model.transformer = cast(CogVideoXTransformer3DModel(**model.transformer_config), dtype)
     if "vae_decoder" in submodels:
         torch.manual_seed(seed + 2)
-        model.vae = _cast(AutoencoderKLCogVideoX(**model.vae_config), dtype)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DiffkilnError(f"{path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise DiffkilnError(f"{path} is not valid JSON: {e}") from None
-
-
-def _check_safetensors(sub: Path) -> None:
-    """Refuse pickle checkpoints before anything is loaded."""
-    if not sub.is_dir():
-        raise DiffkilnError(f"{sub.parent}: subfolder {sub.name}/ is missing")
-    if any(sub.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise DiffkilnError(f"{sub}: only pickle checkpoints found ({', '.join(pickles)}); diffkiln loads safetensors "
-                            "only, never pickle. Convert them to .safetensors first.")
-    raise DiffkilnError(f"{sub}: no .safetensors weights found")
+        model.vae = cast(AutoencoderKLCogVideoX(**model.vae_config), dtype)
 
 
 def _load_folder(folder: Path, submodels, dtype) -> CogVideoXModel:
@@ -494,17 +439,17 @@ def _load_folder(folder: Path, submodels, dtype) -> CogVideoXModel:
     from tokenizers import Tokenizer
     from transformers import T5Config
 
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     cls = index.get("_class_name")
     if cls not in PIPELINE_CLASSES:
         raise DiffkilnError(f"{folder}: pipeline class {cls!r} is not supported; expected one of {list(PIPELINE_CLASSES)}")
-    tconf = {k: v for k, v in _read_json(folder / "transformer" / "config.json").items() if not k.startswith("_")}
+    tconf = {k: v for k, v in read_json(folder / "transformer" / "config.json").items() if not k.startswith("_")}
     _check_supported(tconf, str(folder))
-    vconf = {k: v for k, v in _read_json(folder / "vae" / "config.json").items() if not k.startswith("_")}
+    vconf = {k: v for k, v in read_json(folder / "vae" / "config.json").items() if not k.startswith("_")}
     params = inspect.signature(T5Config.__init__).parameters
-    teconf = {k: v for k, v in _read_json(folder / "text_encoder" / "config.json").items()
+    teconf = {k: v for k, v in read_json(folder / "text_encoder" / "config.json").items()
               if k in params and k not in GENERIC_CONFIG_KEYS}
-    sconf = _read_json(folder / "scheduler" / "scheduler_config.json")
+    sconf = read_json(folder / "scheduler" / "scheduler_config.json")
     if sconf.get("_class_name") != "CogVideoXDDIMScheduler":
         raise DiffkilnError(f"{folder}: scheduler {sconf.get('_class_name')!r} is not supported; expected CogVideoXDDIMScheduler")
     tok_file = folder / "tokenizer" / "tokenizer.json"
@@ -531,8 +476,8 @@ def _load_folder(folder: Path, submodels, dtype) -> CogVideoXModel:
     }
     for sub in submodels:
         attr, load = loaders[sub]
-        _check_safetensors(folder / attr)
-        setattr(model, attr, _cast(load(str(folder / attr)), dtype))
+        check_safetensors(folder / attr)
+        setattr(model, attr, cast(load(str(folder / attr)), dtype))
     return model
 
 

@@ -12,19 +12,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.fileio import atomic_write_json, sha256_json
+from diffkiln.fileio import atomic_write_json
 from diffkiln.models.identity import weights_digest
+from diffkiln.models.loading import (
+    GENERIC_CONFIG_KEYS,
+    cast,
+    check_safetensors,
+    config_hash,
+    read_json,
+    torch_dtype,
+)
 from diffkiln.models.presets import Preset, get_preset
 from diffkiln.models.tokenizer import build_word_tokenizer
 
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")
 PIPELINE_CLASSES = {"SanaPipeline": "sana", "SanaSprintPipeline": "sana-sprint"}
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # trained weights of presets that have them (safetensors)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# transformers config keys that say nothing about the architecture
-GENERIC_CONFIG_KEYS = {"transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
-                       "torch_dtype", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
-                       "problem_type", "use_cache", "model_type"}
 # Generation defaults diffusers keeps in pipeline call arguments, saved beside a folder by `save_pretrained`.
 SETTINGS_FILE = "diffkiln.json"
 GENERATION_FIELDS = ("max_sequence_length", "height", "width", "steps", "guidance_scale", "min_pixels", "max_pixels", "max_batch")
@@ -100,19 +103,8 @@ class SanaModel:
         import diffusers
         from transformers import Gemma2Config
 
-        def with_defaults(cls, conf):
-            params = inspect.signature(cls.__init__).parameters
-            return {k: conf.get(k, p.default) for k, p in params.items() if k != "self" and p.kind == p.POSITIONAL_OR_KEYWORD}
-
-        text = {k: v for k, v in Gemma2Config(**self.text_encoder_config).to_dict().items() if k not in GENERIC_CONFIG_KEYS}
-        sched = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config).config
-        return sha256_json([
-            self.family,
-            with_defaults(diffusers.SanaTransformer2DModel, self.transformer_config),
-            with_defaults(diffusers.AutoencoderDC, self.vae_config),
-            text,
-            {k: v for k, v in sched.items() if not k.startswith("_")},
-        ])[:16]
+        return config_hash(self.family, (diffusers.SanaTransformer2DModel, self.transformer_config), (diffusers.AutoencoderDC, self.vae_config),
+                           Gemma2Config(**self.text_encoder_config), self.scheduler_config)
 
     def submodels(self, names=None) -> dict:
         """Export-friendly wrappers with their I/O specs (see `diffkiln.models.submodels`)."""
@@ -167,21 +159,6 @@ class SanaModel:
         atomic_write_json(Path(folder) / SETTINGS_FILE, {k: getattr(p, k) for k in GENERATION_FIELDS})
 
 
-def _cast(module, dtype):
-    """eval mode, cast only when needed. diffusers warns on every `.to(dtype)` that no module of these
-    models asked to stay in float32 (an empty list); that note is silenced."""
-    if next(module.parameters()).dtype == dtype:
-        return module.eval()
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        return module.to(dtype).eval()
-    finally:
-        dlog.set_verbosity(level)
-
-
 def _build_modules(model: SanaModel, submodels, dtype, seed: int) -> None:
     import torch
     from diffusers import AutoencoderDC, SanaTransformer2DModel
@@ -193,7 +170,7 @@ def _build_modules(model: SanaModel, submodels, dtype, seed: int) -> None:
         cfg = Gemma2Config(**model.text_encoder_config, attn_implementation="eager")
         text_encoder = Gemma2Model(cfg)
         model.weights_ids["text_encoder"] = weights_digest(text_encoder)  # before any cast: see identity.py
-        model.text_encoder = _cast(text_encoder, dtype)
+        model.text_encoder = cast(text_encoder, dtype)
     built = {}
     if "transformer" in submodels:
         torch.manual_seed(seed + 1)
@@ -205,7 +182,7 @@ def _build_modules(model: SanaModel, submodels, dtype, seed: int) -> None:
         _load_preset_weights(model, built)
     for attr, module in built.items():
         model.weights_ids[{"transformer": "transformer", "vae": "vae_decoder"}[attr]] = weights_digest(module)
-        setattr(model, attr, _cast(module, dtype))
+        setattr(model, attr, cast(module, dtype))
 
 
 def preset_weights_path(preset: Preset) -> Path:
@@ -245,15 +222,13 @@ def _preset_tokenizer(preset: Preset):
 
 def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") -> SanaModel:
     """A preset name or a local diffusers folder -> SanaModel with the requested modules built/loaded."""
-    import torch
-
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    tdtype = torch_dtype(dtype)
     unknown = set(submodels) - set(SUBMODELS)
     if unknown:
         raise DiffkilnError(f"Unknown submodel(s) {sorted(unknown)}; expected some of {SUBMODELS}")
     path = Path(source)
     if path.is_dir():
-        return _load_folder(path, submodels, torch_dtype)
+        return _load_folder(path, submodels, tdtype)
     if path.suffix or "/" in str(source):
         raise DiffkilnError(f"{source} is neither a preset name nor an existing diffusers folder")
     preset = get_preset(str(source))
@@ -268,50 +243,26 @@ def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") 
         scheduler_config=dict(preset.scheduler),
         tokenizer=_preset_tokenizer(preset),
     )
-    _build_modules(model, submodels, torch_dtype, preset.seed)
+    _build_modules(model, submodels, tdtype, preset.seed)
     return model
-
-
-def _check_safetensors(sub: Path) -> None:
-    """Refuse pickle checkpoints before anything is loaded."""
-    if not sub.is_dir():
-        raise DiffkilnError(f"{sub.parent}: subfolder {sub.name}/ is missing")
-    if any(sub.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise DiffkilnError(
-            f"{sub}: only pickle checkpoints found ({', '.join(pickles)}); diffkiln loads safetensors only, "
-            "never pickle. Convert them to .safetensors first."
-        )
-    raise DiffkilnError(f"{sub}: no .safetensors weights found")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DiffkilnError(f"{path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise DiffkilnError(f"{path} is not valid JSON: {e}") from None
 
 
 def _load_folder(folder: Path, submodels, dtype) -> SanaModel:
     from tokenizers import Tokenizer
 
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     cls = index.get("_class_name")
     if cls not in PIPELINE_CLASSES:
         raise DiffkilnError(f"{folder}: pipeline class {cls!r} is not supported; expected one of {list(PIPELINE_CLASSES)}")
     family = PIPELINE_CLASSES[cls]
-    tconf = {k: v for k, v in _read_json(folder / "transformer" / "config.json").items() if not k.startswith("_")}
-    vconf = {k: v for k, v in _read_json(folder / "vae" / "config.json").items() if not k.startswith("_")}
+    tconf = {k: v for k, v in read_json(folder / "transformer" / "config.json").items() if not k.startswith("_")}
+    vconf = {k: v for k, v in read_json(folder / "vae" / "config.json").items() if not k.startswith("_")}
     teconf = {
         k: v
-        for k, v in _read_json(folder / "text_encoder" / "config.json").items()
+        for k, v in read_json(folder / "text_encoder" / "config.json").items()
         if k in inspect.signature(_gemma2_config_cls().__init__).parameters and k not in GENERIC_CONFIG_KEYS
     }
-    sconf = _read_json(folder / "scheduler" / "scheduler_config.json")
+    sconf = read_json(folder / "scheduler" / "scheduler_config.json")
     tok_file = folder / "tokenizer" / "tokenizer.json"
     if not tok_file.is_file():
         raise DiffkilnError(f"{folder}: tokenizer/tokenizer.json is missing (a fast tokenizer file is required)")
@@ -320,7 +271,7 @@ def _load_folder(folder: Path, submodels, dtype) -> SanaModel:
     settings = dict(height=native, width=native, steps=2 if family == "sana-sprint" else 20,
                     min_pixels=max(stride, native // 2), max_pixels=native * 2)
     if (folder / SETTINGS_FILE).is_file():
-        saved = _read_json(folder / SETTINGS_FILE)
+        saved = read_json(folder / SETTINGS_FILE)
         settings.update({k: v for k, v in saved.items() if k in GENERATION_FIELDS})
     preset = Preset(
         name=folder.name,
@@ -356,10 +307,10 @@ def _load_folder(folder: Path, submodels, dtype) -> SanaModel:
     }
     for sub in submodels:
         attr, load = loaders[sub]
-        _check_safetensors(folder / attr)
+        check_safetensors(folder / attr)
         module = load(str(folder / attr))
         model.weights_ids[sub] = weights_digest(module)
-        setattr(model, attr, _cast(module, dtype))
+        setattr(model, attr, cast(module, dtype))
     return model
 
 

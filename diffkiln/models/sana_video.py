@@ -18,8 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.fileio import atomic_write_json, sha256_json
+from diffkiln.fileio import atomic_write_json
 from diffkiln.manifest import SubmodelSpec, TensorSpec
+from diffkiln.models.loading import (
+    GENERIC_CONFIG_KEYS,
+    cast,
+    check_safetensors,
+    config_hash,
+    read_json,
+    torch_dtype,
+)
 
 FAMILY = "sana-video"
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")
@@ -200,21 +208,8 @@ class SanaVideoModel:
         import diffusers
         from transformers import Gemma2Config
 
-        from diffkiln.models.sana import GENERIC_CONFIG_KEYS
-
-        def with_defaults(cls, conf):
-            params = inspect.signature(cls.__init__).parameters
-            return {k: conf.get(k, p.default) for k, p in params.items() if k != "self" and p.kind == p.POSITIONAL_OR_KEYWORD}
-
-        text = {k: v for k, v in Gemma2Config(**self.text_encoder_config).to_dict().items() if k not in GENERIC_CONFIG_KEYS}
-        sched = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config).config
-        return sha256_json([
-            self.family,
-            with_defaults(diffusers.SanaVideoTransformer3DModel, self.transformer_config),
-            with_defaults(diffusers.AutoencoderKLWan, self.vae_config),
-            text,
-            {k: v for k, v in sched.items() if not k.startswith("_")},
-        ])[:16]
+        return config_hash(self.family, (diffusers.SanaVideoTransformer3DModel, self.transformer_config), (diffusers.AutoencoderKLWan, self.vae_config),
+                           Gemma2Config(**self.text_encoder_config), self.scheduler_config)
 
     def submodels(self, names=None) -> dict:
         return sana_video_submodels(self, names)
@@ -272,15 +267,6 @@ class SanaVideoModel:
 
 
 # -- loading -----------------------------------------------------------------------------------------------
-def _torch_dtype(dtype: str):
-    import torch
-
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    except KeyError:
-        raise DiffkilnError(f"dtype {dtype!r}; expected float32, float16 or bfloat16") from None
-
-
 def _check_vae(config: dict) -> None:
     if config.get("is_residual") or config.get("patch_size"):
         raise DiffkilnError("this Sana-Video adapter decodes the Wan 2.1 VAE (is_residual=False, no patch_size); "
@@ -290,13 +276,13 @@ def _check_vae(config: dict) -> None:
 
 def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") -> SanaVideoModel:
     """A preset name or a local diffusers folder -> SanaVideoModel with the requested modules built/loaded."""
-    torch_dtype = _torch_dtype(dtype)
+    tdtype = torch_dtype(dtype)
     unknown = set(submodels) - set(SUBMODELS)
     if unknown:
         raise DiffkilnError(f"Unknown submodel(s) {sorted(unknown)}; expected some of {SUBMODELS}")
     path = Path(source)
     if path.is_dir():
-        return _load_folder(path, submodels, torch_dtype)
+        return _load_folder(path, submodels, tdtype)
     if path.suffix or "/" in str(source):
         raise DiffkilnError(f"{source} is neither a preset name nor an existing diffusers folder")
     from diffkiln.models.tokenizer import build_word_tokenizer
@@ -309,7 +295,7 @@ def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") 
         tokenizer=build_word_tokenizer(default_instruction() + [" ".join(preset.extra_vocab)],
                                        preset.text_encoder["vocab_size"]),
     )
-    _build_modules(model, submodels, torch_dtype, preset.seed)
+    _build_modules(model, submodels, tdtype, preset.seed)
     return model
 
 
@@ -318,19 +304,18 @@ def _build_modules(model: SanaVideoModel, submodels, dtype, seed: int) -> None:
     from diffusers import AutoencoderKLWan, SanaVideoTransformer3DModel
     from transformers import Gemma2Config, Gemma2Model
 
-    from diffkiln.models.sana import _cast
-
+    
     # Each module gets its own seed so that building a subset gives the same weights.
     if "text_encoder" in submodels:
         torch.manual_seed(seed)
-        model.text_encoder = _cast(Gemma2Model(Gemma2Config(**model.text_encoder_config, attn_implementation="eager")), dtype)
+        model.text_encoder = cast(Gemma2Model(Gemma2Config(**model.text_encoder_config, attn_implementation="eager")), dtype)
     if "transformer" in submodels:
         torch.manual_seed(seed + 1)
-        model.transformer = _cast(SanaVideoTransformer3DModel(**model.transformer_config), dtype)
+        model.transformer = cast(SanaVideoTransformer3DModel(**model.transformer_config), dtype)
     if "vae_decoder" in submodels:
         _check_vae(model.vae_config)
         torch.manual_seed(seed + 2)
-        model.vae = _cast(AutoencoderKLWan(**model.vae_config), dtype)
+        model.vae = cast(AutoencoderKLWan(**model.vae_config), dtype)
 
 
 def _load_folder(folder: Path, submodels, dtype) -> SanaVideoModel:
@@ -338,29 +323,22 @@ def _load_folder(folder: Path, submodels, dtype) -> SanaVideoModel:
     from tokenizers import Tokenizer
     from transformers import Gemma2Config, Gemma2Model
 
-    from diffkiln.models.sana import (
-        GENERIC_CONFIG_KEYS,
-        _cast,
-        _check_safetensors,
-        _read_json,
-    )
-
-    cls = _read_json(folder / "model_index.json").get("_class_name")
+    cls = read_json(folder / "model_index.json").get("_class_name")
     if cls not in PIPELINE_CLASSES:
         raise DiffkilnError(f"{folder}: pipeline class {cls!r} is not supported; expected one of {list(PIPELINE_CLASSES)}")
     public = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}
-    tconf = public(_read_json(folder / "transformer" / "config.json"))
-    vconf = public(_read_json(folder / "vae" / "config.json"))
+    tconf = public(read_json(folder / "transformer" / "config.json"))
+    vconf = public(read_json(folder / "vae" / "config.json"))
     gemma_keys = inspect.signature(Gemma2Config.__init__).parameters
-    teconf = {k: v for k, v in _read_json(folder / "text_encoder" / "config.json").items()
+    teconf = {k: v for k, v in read_json(folder / "text_encoder" / "config.json").items()
               if k in gemma_keys and k not in GENERIC_CONFIG_KEYS}
-    sconf = _read_json(folder / "scheduler" / "scheduler_config.json")
+    sconf = read_json(folder / "scheduler" / "scheduler_config.json")
     tok_file = folder / "tokenizer" / "tokenizer.json"
     if not tok_file.is_file():
         raise DiffkilnError(f"{folder}: tokenizer/tokenizer.json is missing (a fast tokenizer file is required)")
     settings = {}
     if (folder / SETTINGS_FILE).is_file():
-        saved = _read_json(folder / SETTINGS_FILE)
+        saved = read_json(folder / SETTINGS_FILE)
         settings = {k: v for k, v in saved.items() if k in GENERATION_FIELDS}
     preset = VideoPreset(name=folder.name, description=f"diffusers folder {folder}", transformer=tconf, vae=vconf,
                          text_encoder=teconf, scheduler=sconf, **settings)
@@ -377,8 +355,8 @@ def _load_folder(folder: Path, submodels, dtype) -> SanaVideoModel:
         _check_vae(vconf)
     for sub in submodels:
         attr, load = loaders[sub]
-        _check_safetensors(folder / attr)
-        setattr(model, attr, _cast(load(str(folder / attr)), dtype))
+        check_safetensors(folder / attr)
+        setattr(model, attr, cast(load(str(folder / attr)), dtype))
     return model
 
 

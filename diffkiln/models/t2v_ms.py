@@ -9,22 +9,25 @@ safetensors only. The UNet3D module is the model's `unet` attribute.
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.fileio import atomic_write_json, sha256_json
+from diffkiln.fileio import atomic_write_json
+from diffkiln.models.loading import (
+    GENERIC_CONFIG_KEYS,
+    cast,
+    check_safetensors,
+    config_hash,
+    read_json,
+    torch_dtype,
+)
 
 FAMILY = "text-to-video-ms"
 SUBMODELS = ("text_encoder", "unet", "vae_decoder")
 PIPELINE_CLASSES = {"TextToVideoSDPipeline": FAMILY}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-GENERIC_CONFIG_KEYS = {"transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
-                       "torch_dtype", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
-                       "problem_type", "use_cache", "model_type", "_name_or_path"}
 SETTINGS_FILE = "diffkiln.json"
 GENERATION_FIELDS = ("height", "width", "num_frames", "fps", "steps", "guidance_scale", "min_pixels", "max_pixels",
                      "min_frames", "max_frames", "max_batch", "decode_chunk")
@@ -223,19 +226,8 @@ class T2VMsModel:
         import diffusers
         from transformers import CLIPTextConfig
 
-        def with_defaults(cls, conf):
-            params = inspect.signature(cls.__init__).parameters
-            return {k: conf.get(k, p.default) for k, p in params.items() if k != "self" and p.kind == p.POSITIONAL_OR_KEYWORD}
-
-        text = {k: v for k, v in CLIPTextConfig(**self.text_encoder_config).to_dict().items() if k not in GENERIC_CONFIG_KEYS}
-        sched = diffusers.DDIMScheduler.from_config(self.scheduler_config).config
-        return sha256_json([
-            self.family,
-            with_defaults(diffusers.UNet3DConditionModel, self.unet_config),
-            with_defaults(diffusers.AutoencoderKL, self.vae_config),
-            text,
-            {k: v for k, v in sched.items() if not k.startswith("_")},
-        ])[:16]
+        return config_hash(self.family, (diffusers.UNet3DConditionModel, self.unet_config), (diffusers.AutoencoderKL, self.vae_config),
+                           CLIPTextConfig(**self.text_encoder_config), self.scheduler_config)
 
     def submodels(self, names=None) -> dict:
         return t2v_submodels(self, names)
@@ -286,29 +278,6 @@ class T2VMsModel:
 
 
 # -- building and loading ---------------------------------------------------------------------------
-def _torch_dtype(dtype: str):
-    import torch
-
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    except KeyError:
-        raise DiffkilnError(f"dtype {dtype!r}; expected float32, float16 or bfloat16") from None
-
-
-def _cast(module, dtype):
-    """eval mode; cast only when needed (diffusers' note on the empty keep-in-fp32 list is silenced)."""
-    if next(module.parameters()).dtype == dtype:
-        return module.eval()
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        return module.to(dtype).eval()
-    finally:
-        dlog.set_verbosity(level)
-
-
 def _clip_text_model(config: dict):
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -323,13 +292,13 @@ def _build_modules(model: T2VMsModel, submodels, dtype, seed: int) -> None:
     # Each module has its own seed, so building a subset gives the same weights.
     if "text_encoder" in submodels:
         torch.manual_seed(seed)
-        model.text_encoder = _cast(_clip_text_model(model.text_encoder_config), dtype)
+        model.text_encoder = cast(_clip_text_model(model.text_encoder_config), dtype)
     if "unet" in submodels:
         torch.manual_seed(seed + 1)
-        model.unet = _cast(UNet3DConditionModel(**model.unet_config), dtype)
+        model.unet = cast(UNet3DConditionModel(**model.unet_config), dtype)
     if "vae_decoder" in submodels:
         torch.manual_seed(seed + 2)
-        model.vae = _cast(AutoencoderKL(**model.vae_config), dtype)
+        model.vae = cast(AutoencoderKL(**model.vae_config), dtype)
 
 
 def _check_submodels(submodels) -> None:
@@ -340,11 +309,11 @@ def _check_submodels(submodels) -> None:
 
 def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") -> T2VMsModel:
     """A preset name or a saved TextToVideoSDPipeline folder -> T2VMsModel with the requested modules."""
-    torch_dtype = _torch_dtype(dtype)
+    tdtype = torch_dtype(dtype)
     _check_submodels(submodels)
     path = Path(source)
     if path.is_dir():
-        return _load_folder(path, submodels, torch_dtype)
+        return _load_folder(path, submodels, tdtype)
     if str(source) not in PRESETS and (path.suffix or "/" in str(source)):  # "…-1.7b" has a suffix but is a preset
         raise DiffkilnError(f"{source} is neither a preset name nor an existing diffusers folder")
     preset = get_preset(str(source))
@@ -353,47 +322,25 @@ def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") 
         text_encoder_config=dict(preset.text_encoder), scheduler_config=dict(preset.scheduler),
         tokenizer=build_clip_word_tokenizer(preset.words, preset.text_encoder["vocab_size"]),
     )
-    _build_modules(model, submodels, torch_dtype, preset.seed)
+    _build_modules(model, submodels, tdtype, preset.seed)
     return model
-
-
-def _check_safetensors(sub: Path) -> None:
-    """Refuse pickle checkpoints before anything is loaded."""
-    if not sub.is_dir():
-        raise DiffkilnError(f"{sub.parent}: subfolder {sub.name}/ is missing")
-    if any(sub.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise DiffkilnError(f"{sub}: only pickle checkpoints found ({', '.join(pickles)}); diffkiln loads safetensors "
-                            "only, never pickle. Convert them to .safetensors first.")
-    raise DiffkilnError(f"{sub}: no .safetensors weights found")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DiffkilnError(f"{path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise DiffkilnError(f"{path} is not valid JSON: {e}") from None
 
 
 def _load_folder(folder: Path, submodels, dtype) -> T2VMsModel:
     from tokenizers import Tokenizer
     from transformers import CLIPTextConfig
 
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     if index.get("_class_name") not in PIPELINE_CLASSES:
         raise DiffkilnError(f"{folder}: pipeline class {index.get('_class_name')!r} is not supported by the {FAMILY} "
                             f"adapter; expected one of {list(PIPELINE_CLASSES)}")
     strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}
-    uconf = strip(_read_json(folder / "unet" / "config.json"))
-    vconf = strip(_read_json(folder / "vae" / "config.json"))
+    uconf = strip(read_json(folder / "unet" / "config.json"))
+    vconf = strip(read_json(folder / "vae" / "config.json"))
     clip_keys = set(inspect.signature(CLIPTextConfig.__init__).parameters) | set(CLIPTextConfig().to_dict())
-    teconf = {k: v for k, v in _read_json(folder / "text_encoder" / "config.json").items()
+    teconf = {k: v for k, v in read_json(folder / "text_encoder" / "config.json").items()
               if k in clip_keys and k not in GENERIC_CONFIG_KEYS}
-    sconf = _read_json(folder / "scheduler" / "scheduler_config.json")
+    sconf = read_json(folder / "scheduler" / "scheduler_config.json")
     if sconf.get("_class_name") != "DDIMScheduler":
         raise DiffkilnError(f"{folder}: scheduler {sconf.get('_class_name')!r}; the {FAMILY} runtime implements DDIMScheduler")
     tok_file = folder / "tokenizer" / "tokenizer.json"
@@ -405,7 +352,7 @@ def _load_folder(folder: Path, submodels, dtype) -> T2VMsModel:
     settings = dict(height=native, width=native, min_pixels=max(stride * 2 ** (len(uconf["block_out_channels"]) - 1), native // 2),
                     max_pixels=native * 2)
     if (folder / SETTINGS_FILE).is_file():
-        settings.update({k: v for k, v in _read_json(folder / SETTINGS_FILE).items() if k in GENERATION_FIELDS})
+        settings.update({k: v for k, v in read_json(folder / SETTINGS_FILE).items() if k in GENERATION_FIELDS})
     preset = T2VPreset(name=folder.name, description=f"diffusers folder {folder}", unet=uconf, vae=vconf,
                        text_encoder=teconf, scheduler=sconf, **settings)
     model = T2VMsModel(name=folder.name, source=str(folder.resolve()), preset=preset, unet_config=uconf,
@@ -422,8 +369,8 @@ def _load_folder(folder: Path, submodels, dtype) -> T2VMsModel:
     }
     for sub in submodels:
         attr, load = loaders[sub]
-        _check_safetensors(folder / attr)
-        setattr(model, attr, _cast(load(str(folder / attr)), dtype))
+        check_safetensors(folder / attr)
+        setattr(model, attr, cast(load(str(folder / attr)), dtype))
     return model
 
 

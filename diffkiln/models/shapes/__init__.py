@@ -4,7 +4,13 @@ Submodules: `dataset` (numpy scenes + captions), `grader` (numpy statistics), `t
 imported only when training). Nothing heavy is imported here.
 """
 
-from diffkiln.models.shapes.dataset import caption, parse_caption, render, sample, split_combinations
+from diffkiln.models.shapes.dataset import (
+    caption,
+    parse_caption,
+    render,
+    sample,
+    split_combinations,
+)
 from diffkiln.models.shapes.grader import describe, grade
 
 __all__ = ["caption", "parse_caption", "render", "sample", "split_combinations", "describe", "grade", "train_tiny"]

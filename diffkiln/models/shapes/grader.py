@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffkiln.models.shapes.dataset import (ATTRIBUTES, CENTERS, COLORS, STAR_INNER, gaussian_blur, parse_caption,
-                                            shape_mask)
+from diffkiln.models.shapes.dataset import (
+    ATTRIBUTES,
+    CENTERS,
+    COLORS,
+    STAR_INNER,
+    gaussian_blur,
+    parse_caption,
+    shape_mask,
+)
 
 PALETTE_NAMES = tuple(COLORS)
 PALETTE = np.array([COLORS[c] for c in PALETTE_NAMES], np.float64)  # [K, 3]

@@ -26,7 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from diffkiln.fileio import atomic_write_json
-from diffkiln.models.shapes.dataset import caption, render, sample, split_combinations, to_model_range
+from diffkiln.models.shapes.dataset import (
+    caption,
+    render,
+    sample,
+    split_combinations,
+    to_model_range,
+)
 
 PRESET = "tiny-sana"
 CHECKPOINT = "checkpoint.safetensors"

@@ -1,0 +1,81 @@
+"""What every model adapter does the same way when building or loading modules: dtypes, casts, folder checks."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+from diffkiln.errors import DiffkilnError
+from diffkiln.fileio import sha256_json
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = ("float32", "float16", "bfloat16")
+# transformers config keys that say nothing about the architecture
+GENERIC_CONFIG_KEYS = {"transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
+                       "torch_dtype", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
+                       "problem_type", "use_cache", "model_type"}
+
+
+def torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise DiffkilnError(f"dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def cast(module, dtype):
+    """eval mode, cast only when needed. diffusers warns on every `.to(dtype)` that no module of these
+    models asked to stay in float32 (an empty list); that note is silenced."""
+    if next(module.parameters()).dtype == dtype:
+        return module.eval()
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        return module.to(dtype).eval()
+    finally:
+        dlog.set_verbosity(level)
+
+
+def check_safetensors(sub: Path) -> None:
+    """Refuse a diffusers subfolder holding only pickle checkpoints, before anything is loaded."""
+    if not sub.is_dir():
+        raise DiffkilnError(f"{sub.parent}: subfolder {sub.name}/ is missing")
+    if any(sub.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise DiffkilnError(
+            f"{sub}: only pickle checkpoints found ({', '.join(pickles)}); diffkiln loads safetensors only, "
+            "never pickle. Convert them to .safetensors first."
+        )
+    raise DiffkilnError(f"{sub}: no .safetensors weights found")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DiffkilnError(f"{path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise DiffkilnError(f"{path} is not valid JSON: {e}") from None
+
+
+def effective_config(cls, conf: dict) -> dict:
+    """`conf` with the defaults of `cls.__init__` filled in (so a preset and its saved folder compare equal)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: conf.get(k, p.default) for k, p in params.items() if k != "self" and p.kind == p.POSITIONAL_OR_KEYWORD}
+
+
+def config_hash(family: str, denoiser: tuple, vae: tuple, text_config, scheduler_config: dict) -> str:
+    """Hash of a pipeline's effective configs: (diffusers class, config) of the denoiser and the VAE, the
+    transformers config object of the text encoder, the scheduler config (defaults filled by its class)."""
+    import diffusers
+
+    text = {k: v for k, v in text_config.to_dict().items() if k not in GENERIC_CONFIG_KEYS}
+    sched = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config).config
+    return sha256_json([family, effective_config(*denoiser), effective_config(*vae), text,
+                        {k: v for k, v in sched.items() if not k.startswith("_")}])[:16]
