@@ -154,7 +154,12 @@ def sweep(model, calibration, precision: str = "fp8", feeds_fn=None, budget_db: 
     calibrated = list(calibration.meta["layers"])
     skipped: list[str] = []
     if precision == "nvfp4":
-        from diffkiln.export.nvfp4 import act_global_scales, fake_quantize_nvfp4, nvfp4_layers, nvfp4_weights
+        from diffkiln.export.nvfp4 import (
+            act_global_scales,
+            fake_quantize_nvfp4,
+            nvfp4_layers,
+            nvfp4_weights,
+        )
 
         layers, skipped = nvfp4_layers(transformer, calibrated)
         weights, gscales = nvfp4_weights(transformer, calibration, layers), act_global_scales(calibration, layers, method)

@@ -10,7 +10,6 @@ from diffkiln.engines.base import Engine
 from diffkiln.errors import DiffkilnError, require
 from diffkiln.manifest import SubmodelSpec
 
-
 PREPACK_LIMIT_BYTES = 1 << 30  # graphs with more external weight bytes than this are not pre-packed
 
 

@@ -25,9 +25,23 @@ Two graph forms:
 from __future__ import annotations
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.export.quantize import GEMM_OPS, calibration_facts, layer_of, measure_quantized, replace_nodes
-from diffkiln.plugins.formats import E2M1_MAX, NVFP4_BLOCK, nvfp4_dequantize, nvfp4_quantize
-from diffkiln.plugins.nvfp4_activations import nvfp4_fake_quantize_activations, nvfp4_global_scale
+from diffkiln.export.quantize import (
+    GEMM_OPS,
+    calibration_facts,
+    layer_of,
+    measure_quantized,
+    replace_nodes,
+)
+from diffkiln.plugins.formats import (
+    E2M1_MAX,
+    NVFP4_BLOCK,
+    nvfp4_dequantize,
+    nvfp4_quantize,
+)
+from diffkiln.plugins.nvfp4_activations import (
+    nvfp4_fake_quantize_activations,
+    nvfp4_global_scale,
+)
 
 FORMS = ("tensorrt", "onnxruntime")
 TRT_OPSET = 23

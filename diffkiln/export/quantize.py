@@ -35,10 +35,9 @@ def insert_fp8_qdq(model, scales: dict[str, tuple[float, float]], prefix: str):
 
     Returns (opset-21 model, the layers quantized). Every layer in `scales` must be found.
     """
+    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper, version_converter
-
-    import numpy as np
 
     model = version_converter.convert_version(model, QDQ_OPSET)
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)

@@ -19,7 +19,13 @@ import functools
 import torch
 
 from diffkiln.plugins import formats as fmt
-from diffkiln.plugins.nvfp4_linear import _fp32_apply, check_device, jit_helpers, replace_module, select_linears
+from diffkiln.plugins.nvfp4_linear import (
+    _fp32_apply,
+    check_device,
+    jit_helpers,
+    replace_module,
+    select_linears,
+)
 
 OP = "diffkiln::fp8_linear"
 SCHEMA = "(Tensor x, Tensor w_bits, Tensor w_scale, Tensor x_scale, Tensor? bias) -> Tensor"

@@ -126,7 +126,11 @@ class FusedSanaLinearAttnProcessor:
 
 def use_fused_linear_attention(module) -> int:
     """Swap the fused op into every Sana linear-attention module under `module`; returns how many."""
-    from diffusers.models.attention_processor import Attention, SanaLinearAttnProcessor2_0, SanaMultiscaleLinearAttention
+    from diffusers.models.attention_processor import (
+        Attention,
+        SanaLinearAttnProcessor2_0,
+        SanaMultiscaleLinearAttention,
+    )
 
     count = 0
     for m in module.modules():

@@ -12,8 +12,15 @@ TRT_FP4DynamicQuantize that runs the TensorRT graph form in `onnx.reference` bot
 
 from __future__ import annotations
 
-from diffkiln.plugins.formats import (E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, e2m1_codes, e2m1_values, fp8_e4m3_bits,
-                                      fp8_e4m3_from_bits)
+from diffkiln.plugins.formats import (
+    E2M1_MAX,
+    E4M3_MAX,
+    NVFP4_BLOCK,
+    e2m1_codes,
+    e2m1_values,
+    fp8_e4m3_bits,
+    fp8_e4m3_from_bits,
+)
 
 
 def nvfp4_global_scale(amax: float) -> float:
