@@ -32,9 +32,9 @@ import numpy as np
 from diffkiln.errors import DiffkilnError
 from diffkiln.models.loading import (
     GENERIC_CONFIG_KEYS,
-    cast,
     check_safetensors,
     config_hash,
+    loaded,
     read_json,
     torch_dtype,
 )
@@ -305,6 +305,7 @@ class CogVideoXModel:
     transformer: object = None
     vae: object = None
     text_encoder: object = None
+    weights_ids: dict = field(default_factory=dict)  # submodel -> weights digest (diffkiln.models.loading.loaded)
     family: str = FAMILY
 
     @property
@@ -425,13 +426,13 @@ def _build_modules(model: CogVideoXModel, submodels, dtype, seed: int) -> None:
 
     if "text_encoder" in submodels:
         torch.manual_seed(seed)
-        model.text_encoder = cast(T5EncoderModel(T5Config(**model.text_encoder_config)), dtype)
+        model.text_encoder = loaded(model, "text_encoder", T5EncoderModel(T5Config(**model.text_encoder_config)), dtype)
     if "transformer" in submodels:
         torch.manual_seed(seed + 1)
-        model.transformer = cast(CogVideoXTransformer3DModel(**model.transformer_config), dtype)
+        model.transformer = loaded(model, "transformer", CogVideoXTransformer3DModel(**model.transformer_config), dtype)
     if "vae_decoder" in submodels:
         torch.manual_seed(seed + 2)
-        model.vae = cast(AutoencoderKLCogVideoX(**model.vae_config), dtype)
+        model.vae = loaded(model, "vae_decoder", AutoencoderKLCogVideoX(**model.vae_config), dtype)
 
 
 def _load_folder(folder: Path, submodels, dtype) -> CogVideoXModel:
@@ -477,7 +478,7 @@ def _load_folder(folder: Path, submodels, dtype) -> CogVideoXModel:
     for sub in submodels:
         attr, load = loaders[sub]
         check_safetensors(folder / attr)
-        setattr(model, attr, cast(load(str(folder / attr)), dtype))
+        setattr(model, attr, loaded(model, sub, load(str(folder / attr)), dtype))
     return model
 
 

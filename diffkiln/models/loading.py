@@ -40,6 +40,15 @@ def cast(module, dtype):
         dlog.set_verbosity(level)
 
 
+def loaded(model, submodel: str, module, dtype):
+    """A freshly built or loaded module: record its weights digest (before any cast, so every dtype of the same
+    weights has one identity: see diffkiln.models.identity) in `model.weights_ids`, then cast it."""
+    from diffkiln.models.identity import weights_digest
+
+    model.weights_ids[submodel] = weights_digest(module)
+    return cast(module, dtype)
+
+
 def check_safetensors(sub: Path) -> None:
     """Refuse a diffusers subfolder holding only pickle checkpoints, before anything is loaded."""
     if not sub.is_dir():

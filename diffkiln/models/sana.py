@@ -13,12 +13,11 @@ from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_write_json
-from diffkiln.models.identity import weights_digest
 from diffkiln.models.loading import (
     GENERIC_CONFIG_KEYS,
-    cast,
     check_safetensors,
     config_hash,
+    loaded,
     read_json,
     torch_dtype,
 )
@@ -168,9 +167,7 @@ def _build_modules(model: SanaModel, submodels, dtype, seed: int) -> None:
     if "text_encoder" in submodels:
         torch.manual_seed(seed)
         cfg = Gemma2Config(**model.text_encoder_config, attn_implementation="eager")
-        text_encoder = Gemma2Model(cfg)
-        model.weights_ids["text_encoder"] = weights_digest(text_encoder)  # before any cast: see identity.py
-        model.text_encoder = cast(text_encoder, dtype)
+        model.text_encoder = loaded(model, "text_encoder", Gemma2Model(cfg), dtype)
     built = {}
     if "transformer" in submodels:
         torch.manual_seed(seed + 1)
@@ -181,8 +178,7 @@ def _build_modules(model: SanaModel, submodels, dtype, seed: int) -> None:
     if built and model.preset.weights:
         _load_preset_weights(model, built)
     for attr, module in built.items():
-        model.weights_ids[{"transformer": "transformer", "vae": "vae_decoder"}[attr]] = weights_digest(module)
-        setattr(model, attr, cast(module, dtype))
+        setattr(model, attr, loaded(model, {"transformer": "transformer", "vae": "vae_decoder"}[attr], module, dtype))
 
 
 def preset_weights_path(preset: Preset) -> Path:
@@ -308,9 +304,7 @@ def _load_folder(folder: Path, submodels, dtype) -> SanaModel:
     for sub in submodels:
         attr, load = loaders[sub]
         check_safetensors(folder / attr)
-        module = load(str(folder / attr))
-        model.weights_ids[sub] = weights_digest(module)
-        setattr(model, attr, cast(module, dtype))
+        setattr(model, attr, loaded(model, sub, load(str(folder / attr)), dtype))
     return model
 
 

@@ -22,9 +22,9 @@ from diffkiln.fileio import atomic_write_json
 from diffkiln.manifest import SubmodelSpec, TensorSpec
 from diffkiln.models.loading import (
     GENERIC_CONFIG_KEYS,
-    cast,
     check_safetensors,
     config_hash,
+    loaded,
     read_json,
     torch_dtype,
 )
@@ -165,6 +165,7 @@ class SanaVideoModel:
     transformer: object = None
     vae: object = None
     text_encoder: object = None
+    weights_ids: dict = field(default_factory=dict)  # submodel -> weights digest (diffkiln.models.loading.loaded)
     family: str = FAMILY
 
     @property
@@ -308,14 +309,14 @@ def _build_modules(model: SanaVideoModel, submodels, dtype, seed: int) -> None:
     # Each module gets its own seed so that building a subset gives the same weights.
     if "text_encoder" in submodels:
         torch.manual_seed(seed)
-        model.text_encoder = cast(Gemma2Model(Gemma2Config(**model.text_encoder_config, attn_implementation="eager")), dtype)
+        model.text_encoder = loaded(model, "text_encoder", Gemma2Model(Gemma2Config(**model.text_encoder_config, attn_implementation="eager")), dtype)
     if "transformer" in submodels:
         torch.manual_seed(seed + 1)
-        model.transformer = cast(SanaVideoTransformer3DModel(**model.transformer_config), dtype)
+        model.transformer = loaded(model, "transformer", SanaVideoTransformer3DModel(**model.transformer_config), dtype)
     if "vae_decoder" in submodels:
         _check_vae(model.vae_config)
         torch.manual_seed(seed + 2)
-        model.vae = cast(AutoencoderKLWan(**model.vae_config), dtype)
+        model.vae = loaded(model, "vae_decoder", AutoencoderKLWan(**model.vae_config), dtype)
 
 
 def _load_folder(folder: Path, submodels, dtype) -> SanaVideoModel:
@@ -356,7 +357,7 @@ def _load_folder(folder: Path, submodels, dtype) -> SanaVideoModel:
     for sub in submodels:
         attr, load = loaders[sub]
         check_safetensors(folder / attr)
-        setattr(model, attr, cast(load(str(folder / attr)), dtype))
+        setattr(model, attr, loaded(model, sub, load(str(folder / attr)), dtype))
     return model
 
 

@@ -18,9 +18,9 @@ from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_write_json
 from diffkiln.models.loading import (
     GENERIC_CONFIG_KEYS,
-    cast,
     check_safetensors,
     config_hash,
+    loaded,
     read_json,
     torch_dtype,
 )
@@ -201,6 +201,7 @@ class T2VMsModel:
     unet: object = None
     vae: object = None
     text_encoder: object = None
+    weights_ids: dict = field(default_factory=dict)  # submodel -> weights digest (diffkiln.models.loading.loaded)
     family: str = FAMILY
 
     @property
@@ -292,13 +293,13 @@ def _build_modules(model: T2VMsModel, submodels, dtype, seed: int) -> None:
     # Each module has its own seed, so building a subset gives the same weights.
     if "text_encoder" in submodels:
         torch.manual_seed(seed)
-        model.text_encoder = cast(_clip_text_model(model.text_encoder_config), dtype)
+        model.text_encoder = loaded(model, "text_encoder", _clip_text_model(model.text_encoder_config), dtype)
     if "unet" in submodels:
         torch.manual_seed(seed + 1)
-        model.unet = cast(UNet3DConditionModel(**model.unet_config), dtype)
+        model.unet = loaded(model, "unet", UNet3DConditionModel(**model.unet_config), dtype)
     if "vae_decoder" in submodels:
         torch.manual_seed(seed + 2)
-        model.vae = cast(AutoencoderKL(**model.vae_config), dtype)
+        model.vae = loaded(model, "vae_decoder", AutoencoderKL(**model.vae_config), dtype)
 
 
 def _check_submodels(submodels) -> None:
@@ -370,7 +371,7 @@ def _load_folder(folder: Path, submodels, dtype) -> T2VMsModel:
     for sub in submodels:
         attr, load = loaders[sub]
         check_safetensors(folder / attr)
-        setattr(model, attr, cast(load(str(folder / attr)), dtype))
+        setattr(model, attr, loaded(model, sub, load(str(folder / attr)), dtype))
     return model
 
 
