@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.runtime.pipeline import run_batched
+from diffkiln.runtime.pipeline import guide, run_batched
 from diffkiln.runtime.schedulers import scheduler_from_config
 from diffkiln.runtime.video import VideoPipeline
 
@@ -105,8 +105,7 @@ class CogVideoXPipeline(VideoPipeline):
                                 {"latents": model_in, "encoder_hidden_states": emb, "timestep": timestep})
             g = dynamic_guidance(guidance, float(t), steps) if self.use_dynamic_cfg else guidance
             if cfg:
-                uncond, text = np.split(noise, 2)
-                noise = uncond + np.float32(g) * (text - uncond)
+                noise = guide(noise, g)
             latents = scheduler.step(noise, t, latents).astype(np.float32)
             if callback:
                 callback(i, float(t), latents)

@@ -40,6 +40,12 @@ def run_batched(engine, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def guide(noise: np.ndarray, guidance: float) -> np.ndarray:
+    """Classifier-free guidance over a batch stacked [unconditional; conditional], as diffusers combines it."""
+    uncond, text = np.split(noise, 2)
+    return uncond + np.float32(guidance) * (text - uncond)
+
+
 def open_engine_dir(root: str | Path, backend: str = "onnxruntime", target: str | None = None,
                     precision: str | None = None, verify: bool = True, **engine_options) -> tuple[dict, dict, dict, Path]:
     """An engine directory -> (engines, pipeline settings, scheduler config, tokenizer file), manifest hashes checked."""
@@ -215,8 +221,7 @@ class Pipeline(EnginePipeline):
             noise = self._transformer(timings, latents=model_in, encoder_hidden_states=emb,
                                       encoder_attention_mask=mask, timestep=timestep)
             if cfg:
-                uncond, text = np.split(noise, 2)
-                noise = uncond + np.float32(guidance) * (text - uncond)
+                noise = guide(noise, guidance)
             if s["learned_sigma"]:
                 noise = noise[:, :C]
             latents = scheduler.step(noise, t, latents).astype(np.float32)

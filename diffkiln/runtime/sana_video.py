@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.runtime.pipeline import run_batched
+from diffkiln.runtime.pipeline import guide, run_batched
 from diffkiln.runtime.schedulers import scheduler_from_config
 from diffkiln.runtime.text import PromptTokenizer
 from diffkiln.runtime.video import VideoPipeline
@@ -67,8 +67,7 @@ class SanaVideoPipeline(VideoPipeline):
                      "timestep": np.full(model_in.shape[0], np.float32(t), np.float32)}
             noise = self._timed(timings, "transformer", run_batched, self.engines["transformer"], feeds)
             if cfg:
-                uncond, text = np.split(noise, 2)
-                noise = uncond + np.float32(guidance) * (text - uncond)
+                noise = guide(noise, guidance)
             if self.settings["learned_sigma"]:
                 noise = noise[:, :C]
             latents = scheduler.step(noise, t, latents).astype(np.float32)

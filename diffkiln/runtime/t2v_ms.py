@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 
 from diffkiln.runtime.image import to_unit_range
-from diffkiln.runtime.pipeline import run_batched
+from diffkiln.runtime.pipeline import guide, run_batched
 from diffkiln.runtime.schedulers import scheduler_from_config
 from diffkiln.runtime.video import VideoPipeline
 
@@ -81,8 +81,7 @@ class TextToVideoMsPipeline(VideoPipeline):
                      "encoder_hidden_states": emb}
             noise = self._timed(timings, "unet", run_batched, self.engines["unet"], feeds)
             if cfg:
-                uncond, text = np.split(noise, 2)
-                noise = uncond + np.float32(guidance) * (text - uncond)
+                noise = guide(noise, guidance)
             latents = scheduler.step(noise, t, latents).astype(np.float32)
             if callback:
                 callback(i, float(t), latents)
