@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from diffkiln.cli import main
+from diffkiln.errors import DiffkilnError
 
 
 def run(*argv):
@@ -27,6 +28,13 @@ def test_presets_lists_sizes(capsys):
     assert run("presets") == 0
     out = capsys.readouterr().out
     assert "tiny-sana" in out and "sana-1600m-1024" in out and "transformer 1604.5" in out and "transformer 591.7" in out
+    for name in ("tiny-t2v-ms", "text-to-video-ms-1.7b", "tiny-cogvideox", "cogvideox-2b", "tiny-sana-video", "sana-video-2b"):
+        assert f"\n{name} " in out, name
+    from diffkiln.models.registry import adapter_for
+
+    assert adapter_for("text-to-video-ms-1.7b").__name__ == "diffkiln.models.t2v_ms"  # a dotted preset name
+    with pytest.raises(DiffkilnError, match=r"no/such.dir is neither a preset name nor an existing diffusers folder"):
+        adapter_for("no/such.dir")
 
 
 def test_export_build_generate_inspect(tmp_path, capsys):
