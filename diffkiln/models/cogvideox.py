@@ -32,11 +32,11 @@ import numpy as np
 from diffkiln.errors import DiffkilnError
 from diffkiln.models.loading import (
     GENERIC_CONFIG_KEYS,
+    check_request,
     check_safetensors,
     config_hash,
     loaded,
     read_json,
-    torch_dtype,
 )
 
 FAMILY = "cogvideox"
@@ -393,15 +393,9 @@ class CogVideoXModel:
 
 def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") -> CogVideoXModel:
     """A preset name or a local diffusers folder -> CogVideoXModel with the requested modules built/loaded."""
-    tdtype = torch_dtype(dtype)
-    unknown = set(submodels) - set(SUBMODELS)
-    if unknown:
-        raise DiffkilnError(f"Unknown submodel(s) {sorted(unknown)}; expected some of {SUBMODELS}")
-    path = Path(source)
-    if path.is_dir():
-        return _load_folder(path, submodels, tdtype)
-    if path.suffix or "/" in str(source):
-        raise DiffkilnError(f"{source} is neither a preset name nor an existing diffusers folder")
+    folder, tdtype = check_request(source, submodels, SUBMODELS, dtype)
+    if folder is not None:
+        return _load_folder(folder, submodels, tdtype)
     preset = get_preset(str(source))
     _check_supported(preset.transformer, f"preset {preset.name}")
     model = CogVideoXModel(

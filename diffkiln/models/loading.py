@@ -17,6 +17,20 @@ GENERIC_CONFIG_KEYS = {"transformers_version", "architectures", "output_hidden_s
                        "problem_type", "use_cache", "model_type"}
 
 
+def check_request(source, submodels, known: tuple[str, ...], dtype: str):
+    """The common start of an adapter's load_model -> (diffusers folder or None for a preset name, torch dtype).
+    Unknown submodels, dtypes and paths that are not folders are refused here; preset names by the adapter."""
+    unknown = set(submodels) - set(known)
+    if unknown:
+        raise DiffkilnError(f"Unknown submodel(s) {sorted(unknown)}; expected some of {known}")
+    path = Path(source)
+    if path.is_dir():
+        return path, torch_dtype(dtype)
+    if "/" in str(source):
+        raise DiffkilnError(f"{source} is neither a preset name nor an existing diffusers folder")
+    return None, torch_dtype(dtype)
+
+
 def torch_dtype(dtype: str):
     import torch
 

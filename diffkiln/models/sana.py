@@ -15,11 +15,11 @@ from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_write_json
 from diffkiln.models.loading import (
     GENERIC_CONFIG_KEYS,
+    check_request,
     check_safetensors,
     config_hash,
     loaded,
     read_json,
-    torch_dtype,
 )
 from diffkiln.models.presets import Preset, get_preset
 from diffkiln.models.tokenizer import build_word_tokenizer
@@ -218,15 +218,9 @@ def _preset_tokenizer(preset: Preset):
 
 def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") -> SanaModel:
     """A preset name or a local diffusers folder -> SanaModel with the requested modules built/loaded."""
-    tdtype = torch_dtype(dtype)
-    unknown = set(submodels) - set(SUBMODELS)
-    if unknown:
-        raise DiffkilnError(f"Unknown submodel(s) {sorted(unknown)}; expected some of {SUBMODELS}")
-    path = Path(source)
-    if path.is_dir():
-        return _load_folder(path, submodels, tdtype)
-    if path.suffix or "/" in str(source):
-        raise DiffkilnError(f"{source} is neither a preset name nor an existing diffusers folder")
+    folder, tdtype = check_request(source, submodels, SUBMODELS, dtype)
+    if folder is not None:
+        return _load_folder(folder, submodels, tdtype)
     preset = get_preset(str(source))
     model = SanaModel(
         name=preset.name,

@@ -18,11 +18,11 @@ from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_write_json
 from diffkiln.models.loading import (
     GENERIC_CONFIG_KEYS,
+    check_request,
     check_safetensors,
     config_hash,
     loaded,
     read_json,
-    torch_dtype,
 )
 
 FAMILY = "text-to-video-ms"
@@ -302,21 +302,11 @@ def _build_modules(model: T2VMsModel, submodels, dtype, seed: int) -> None:
         model.vae = loaded(model, "vae_decoder", AutoencoderKL(**model.vae_config), dtype)
 
 
-def _check_submodels(submodels) -> None:
-    unknown = set(submodels) - set(SUBMODELS)
-    if unknown:
-        raise DiffkilnError(f"Unknown submodel(s) {sorted(unknown)} for {FAMILY}; expected some of {SUBMODELS}")
-
-
 def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") -> T2VMsModel:
     """A preset name or a saved TextToVideoSDPipeline folder -> T2VMsModel with the requested modules."""
-    tdtype = torch_dtype(dtype)
-    _check_submodels(submodels)
-    path = Path(source)
-    if path.is_dir():
-        return _load_folder(path, submodels, tdtype)
-    if str(source) not in PRESETS and (path.suffix or "/" in str(source)):  # "…-1.7b" has a suffix but is a preset
-        raise DiffkilnError(f"{source} is neither a preset name nor an existing diffusers folder")
+    folder, tdtype = check_request(source, submodels, SUBMODELS, dtype)
+    if folder is not None:
+        return _load_folder(folder, submodels, tdtype)
     preset = get_preset(str(source))
     model = T2VMsModel(
         name=preset.name, source="preset", preset=preset, unet_config=dict(preset.unet), vae_config=dict(preset.vae),
