@@ -124,6 +124,30 @@ def test_fused_linear_attention_package(tmp_path):
     assert max(r["max_abs"] for r in e.parity["transformer"]) < 1e-4  # vs the unmodified diffusers transformer
 
 
+def test_graphs_torch_export_cannot_take_are_refused_by_name(tmp_path):
+    """CogVideoX's transformer specializes its latent size under torch.export: a clear refusal naming the
+    submodel and the ranges, no traceback, nothing written."""
+    from diffkiln.engines.build import build
+
+    with pytest.raises(DiffkilnError, match=r"torch.export cannot export transformer over its dynamic ranges .*"
+                                            r"Constraints violated"):
+        build("tiny-cogvideox", tmp_path / "cog", backend="aoti", submodels=["transformer"])
+    assert not (tmp_path / "cog").exists()
+
+
+def test_require_parity_refuses_a_graph_that_computes_something_else():
+    from diffkiln.export.parity import MIN_COSINE, compare, require_parity
+
+    ref = np.random.default_rng(0).standard_normal(1000)
+    good = [{"dims": {"batch": 1}, **compare(ref, ref + 1e-3)}]
+    require_parity("the package", "vae_decoder", good)
+    bad = good + [{"dims": {"batch": 2}, **compare(ref, ref + np.random.default_rng(1).standard_normal(1000))}]
+    assert bad[1]["cosine"] < MIN_COSINE
+    with pytest.raises(DiffkilnError, match=r"the package of vae_decoder does not compute what the eager model does: "
+                                            r"cosine 0\.7\d+ .* at \{'batch': 2\}; it was not written"):
+        require_parity("the package", "vae_decoder", bad)
+
+
 def test_config_errors():
     from diffkiln.engines.aoti import AotiBuildConfig
 

@@ -106,7 +106,12 @@ def compile_submodel(sub, path: Path, config: AotiBuildConfig) -> dict:
     module = sub.module.to(config.device)
     start = time.perf_counter()
     with torch.inference_mode(False), torch.no_grad():
-        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(sub.spec), strict=False)
+        try:
+            program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(sub.spec), strict=False)
+        except Exception as e:  # torch raises UserError / ConstraintViolationError / TorchRuntimeError ...
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise DiffkilnError(f"torch.export cannot export {sub.name} over its dynamic ranges {sub.spec.dims}: "
+                                f"{first.strip()}") from e
     exported = time.perf_counter() - start
     options = {"max_autotune": config.max_autotune}
     torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=options)
@@ -119,7 +124,7 @@ def build_aoti(model, root: Path, config: AotiBuildConfig, names=None) -> Engine
     import torch
 
     from diffkiln.engines.eager import EagerEngine
-    from diffkiln.export.parity import check_parity
+    from diffkiln.export.parity import check_parity, require_parity
     subs = model.submodels(names)
     entry = EngineEntry("aoti", config.precision, config.device, files={},
                         options={"build_config": config.to_dict(), "torch": torch.__version__,
@@ -144,6 +149,7 @@ def build_aoti(model, root: Path, config: AotiBuildConfig, names=None) -> Engine
         engine = AotiEngine(path, sub.spec, torch.__version__)
         # parity against the unmodified diffusers modules, whatever was swapped in
         entry.parity[name] = check_parity(sub, EagerEngine(reference_module, sub.spec, device=config.device), engine)
+        require_parity("the AOTInductor package", name, entry.parity[name])
         entry.files[name] = [rel]
         entry.options[name] = facts
         entry.build_seconds[name] = round(facts["export_seconds"] + facts["compile_seconds"], 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffkiln.engines.base import Engine
+from diffkiln.errors import DiffkilnError
 from diffkiln.models.submodels import Submodel
 
 
@@ -31,3 +32,16 @@ def check_parity(sub: Submodel, eager: Engine, engine: Engine, seed: int = 1) ->
         got = engine(feeds)[out_name]
         records.append({"dims": dict(dims), **compare(ref, got)})
     return records
+
+
+# A compiled graph whose output points another way than eager's computes something else: refuse it. fp16 and
+# quantized graphs stay far above this (measured cosine >= 0.9997); miscompilations fall far below it.
+MIN_COSINE = 0.999
+
+
+def require_parity(what: str, name: str, records: list[dict]) -> None:
+    """Refuse an artifact that does not compute what the eager module does, naming the worst shape."""
+    worst = min(records, key=lambda r: r["cosine"])
+    if worst["cosine"] < MIN_COSINE:
+        raise DiffkilnError(f"{what} of {name} does not compute what the eager model does: cosine {worst['cosine']:.4f} "
+                            f"(< {MIN_COSINE}), max abs {worst['max_abs']:.3g} at {worst['dims']}; it was not written")

@@ -45,7 +45,7 @@ def export_into(model, root: Path, names=None, threads: int | None = None) -> Ma
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
     from diffkiln.export.onnx import export_onnx
-    from diffkiln.export.parity import check_parity
+    from diffkiln.export.parity import check_parity, require_parity
     subs = model.submodels(names)
     dtype = str(next(next(iter(subs.values())).module.parameters()).dtype).replace("torch.", "")
     entry = EngineEntry(
@@ -61,6 +61,7 @@ def export_into(model, root: Path, names=None, threads: int | None = None) -> Ma
         facts = export_onnx(sub, root / f"{name}.onnx")
         engine = OnnxRuntimeEngine(root / facts["files"][0], sub.spec, threads=threads)
         entry.parity[name] = check_parity(sub, EagerEngine(sub.module, sub.spec), engine)
+        require_parity("the ONNX export", name, entry.parity[name])
         entry.files[name] = facts.pop("files")
         entry.options[name] = facts
         entry.build_seconds[name] = round(time.perf_counter() - start, 3)
