@@ -249,21 +249,9 @@ def preset_rows() -> list[dict]:
 def build_t5_word_tokenizer(texts: list[str], vocab_size: int):
     """A word-level stand-in for T5's SentencePiece tokenizer (not downloadable here), with T5's
     special-token layout (<pad>=0, </s>=1, <unk>=2) and its post-processing: no BOS, </s> appended."""
-    import re
+    from diffkiln.models.tokenizer import WORD, word_tokenizer
 
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    vocab = {tok: i for i, tok in enumerate(T5_SPECIALS)}
-    for text in texts:
-        for word in re.findall(r"\w+|[^\w\s]+", text.lower()):
-            vocab.setdefault(word, len(vocab))
-    if len(vocab) > vocab_size:
-        raise DiffkilnError(f"word vocabulary has {len(vocab)} entries, more than the text encoder's vocab_size {vocab_size}")
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return tok
+    return word_tokenizer((w for text in texts for w in WORD.findall(text.lower())), vocab_size, T5_SPECIALS, "$A </s>")
 
 
 def hf_t5_tokenizer(tokenizer):

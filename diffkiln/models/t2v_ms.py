@@ -163,18 +163,9 @@ def preset_rows() -> list[dict]:
 
 def build_clip_word_tokenizer(words, vocab_size: int):
     """Word-level tokenizer with CLIP's layout: <|startoftext|> words <|endoftext|>, lowercase."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from diffkiln.models.tokenizer import word_tokenizer
 
-    vocab = {tok: i for i, tok in enumerate((PAD, BOS, EOS, UNK))}
-    for w in words:
-        vocab.setdefault(w.lower(), len(vocab))
-    if len(vocab) > vocab_size:
-        raise DiffkilnError(f"word vocabulary has {len(vocab)} entries, more than the text encoder's vocab_size {vocab_size}")
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A {EOS}", special_tokens=[(BOS, 1), (EOS, 2)])
-    return tok
+    return word_tokenizer((w.lower() for w in words), vocab_size, (PAD, BOS, EOS, UNK), f"{BOS} $A {EOS}", unk=UNK)
 
 
 def hf_clip_tokenizer(tokenizer, max_length: int):
