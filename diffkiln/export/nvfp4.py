@@ -28,6 +28,7 @@ from diffkiln.errors import DiffkilnError
 from diffkiln.export.quantize import (
     GEMM_OPS,
     calibration_facts,
+    install_quantized_set,
     layer_of,
     measure_quantized,
     replace_nodes,
@@ -360,7 +361,6 @@ def add_nvfp4_engine_set(root, manifest, model, calibration, base_precision: str
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
     from diffkiln.export.onnx import save_model
-    from diffkiln.manifest import EngineEntry
     from diffkiln.models.submodels import sana_submodels
     from diffkiln.progress import log
 
@@ -399,24 +399,13 @@ def add_nvfp4_engine_set(root, manifest, model, calibration, base_precision: str
     with torch.no_grad():
         for n, w in saved.items():
             mods[n].weight.copy_(w)
-    entry = EngineEntry(
-        "onnxruntime", "nvfp4", "any",
-        files={**{k: v for k, v in base.files.items() if k != "transformer"}, "transformer": files},
-        parity={**{k: v for k, v in base.parity.items() if k != "transformer"}, "transformer": parity},
-        options={"base_precision": base_precision, "quantized_layers": done, "skipped_layers": skipped,
-                 "quality_vs_unquantized": quality, "tensorrt_onnx": trt_files[0], "tensorrt_onnx_files": trt_files,
-                 "calibration": calibration_facts(calibration, method),
-                 "scheme": "NVFP4: E2M1 weights with E4M3 block-16 scales and an fp32 global scale (offline); "
-                           "activations quantized dynamically per 16-block with a calibrated global scale. "
-                           "onnxruntime file: standard-op fake quantization (opset 21); tensorrt_onnx: FLOAT4E2M1 "
-                           "DequantizeLinear + trt::TRT_FP4DynamicQuantize (opset 23)"},
-        tool_versions=base.tool_versions,
-        build_seconds={"transformer": round(time.perf_counter() - start, 3)},
-    )
-    manifest.engines = [e for e in manifest.engines if e.key != entry.key] + [entry]
-    log(f"nvfp4: {len(done)} layers quantized; ORT vs eager fake-quant max abs {max(r['max_abs'] for r in parity):.2e}; "
-        f"vs unquantized SQNR {min(q['sqnr_db'] for q in quality):.1f} dB")
-    return entry
+    return install_quantized_set(manifest, base, "nvfp4", files, parity, quality, start, {
+        "quantized_layers": done, "skipped_layers": skipped, "tensorrt_onnx": trt_files[0],
+        "tensorrt_onnx_files": trt_files, "calibration": calibration_facts(calibration, method),
+        "scheme": "NVFP4: E2M1 weights with E4M3 block-16 scales and an fp32 global scale (offline); "
+                  "activations quantized dynamically per 16-block with a calibrated global scale. "
+                  "onnxruntime file: standard-op fake quantization (opset 21); tensorrt_onnx: FLOAT4E2M1 "
+                  "DequantizeLinear + trt::TRT_FP4DynamicQuantize (opset 23)"})
 
 
 

@@ -166,9 +166,7 @@ def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, 
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
     from diffkiln.export.onnx import save_model
-    from diffkiln.manifest import EngineEntry
     from diffkiln.models.submodels import sana_submodels
-    from diffkiln.progress import log
 
     root = Path(root)
     base = manifest.engine("onnxruntime", precision=base_precision)
@@ -190,20 +188,32 @@ def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, 
     parity, quality = measure_quantized(sub, reference, OnnxRuntimeEngine(root / files[0], sub.spec), parity_shapes)
     for h in handles:
         h.remove()
+    return install_quantized_set(manifest, base, "fp8", files, parity, quality, start, {
+        "quantized_layers": done, "calibration": calibration_facts(calibration, method),
+        "scheme": "FP8 E4M3 per-tensor Q/DQ on activations and weights (opset 21)"})
+
+
+def install_quantized_set(manifest, base, precision: str, files: list[str], parity: list[dict], quality: list[dict],
+                          start: float, options: dict):
+    """The engine set onnxruntime/any/<precision>: `base`'s files and parity with the quantized transformer's in
+    their place, replacing any earlier set of that key in `manifest`."""
+    import time
+
+    from diffkiln.manifest import EngineEntry
+    from diffkiln.progress import log
+
     entry = EngineEntry(
-        "onnxruntime", "fp8", "any",
+        "onnxruntime", precision, "any",
         files={**{k: v for k, v in base.files.items() if k != "transformer"}, "transformer": files},
         parity={**{k: v for k, v in base.parity.items() if k != "transformer"}, "transformer": parity},
-        options={"base_precision": base_precision, "quantized_layers": done, "quality_vs_unquantized": quality,
-                 "calibration": calibration_facts(calibration, method),
-                 "scheme": "FP8 E4M3 per-tensor Q/DQ on activations and weights (opset 21)"},
+        options={"base_precision": base.precision, **options, "quality_vs_unquantized": quality},
         tool_versions=base.tool_versions,
         build_seconds={"transformer": round(time.perf_counter() - start, 3)},
     )
     manifest.engines = [e for e in manifest.engines if e.key != entry.key] + [entry]
-    log(f"fp8: {len(done)} layers quantized; ORT vs eager fake-quant max abs {max(r['max_abs'] for r in parity):.2e}; "
-        f"vs unquantized SQNR {min(q['sqnr_db'] for q in quality):.1f} dB")
+    log(f"{precision}: {len(options['quantized_layers'])} layers quantized; ORT vs eager fake-quant max abs "
+        f"{max(r['max_abs'] for r in parity):.2e}; vs unquantized SQNR {min(q['sqnr_db'] for q in quality):.1f} dB")
     return entry
 
 
-__all__ = ["add_fp8_engine_set", "replace_nodes", "calibration_facts", "measure_quantized", "E4M3_MAX", "fake_quantize_fp8", "fp8_scales", "insert_fp8_qdq", "layer_of", "sqnr_db"]
+__all__ = ["add_fp8_engine_set", "install_quantized_set", "replace_nodes", "calibration_facts", "measure_quantized", "E4M3_MAX", "fake_quantize_fp8", "fp8_scales", "insert_fp8_qdq", "layer_of", "sqnr_db"]

@@ -451,16 +451,21 @@ class DDIMScheduler(Scheduler):
     def _alpha_prod(self, t: int) -> np.float32:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
-    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, eta: float = 0.0,
-             variance_noise: np.ndarray | None = None) -> np.ndarray:
-        """One DDIM update from ``timestep`` to ``timestep - T // n``; returns ``prev_sample``."""
+    def _step_timesteps(self, timestep: Any) -> tuple[int, int]:
+        """(t, previous t) of a step, checked: set_timesteps() was called and t is a train timestep."""
+        name = type(self).__name__
         if self.num_inference_steps is None:
-            raise ValueError("DDIMScheduler: call set_timesteps() before step()")
+            raise ValueError(f"{name}: call set_timesteps() before step()")
         t = int(_scalar_timestep(timestep))
         T = self.config["num_train_timesteps"]
         if not 0 <= t < T:
-            raise ValueError(f"DDIMScheduler: timestep {t} is outside 0..{T - 1}")
-        prev_t = t - T // self.num_inference_steps
+            raise ValueError(f"{name}: timestep {t} is outside 0..{T - 1}")
+        return t, t - T // self.num_inference_steps
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, eta: float = 0.0,
+             variance_noise: np.ndarray | None = None) -> np.ndarray:
+        """One DDIM update from ``timestep`` to ``timestep - T // n``; returns ``prev_sample``."""
+        t, prev_t = self._step_timesteps(timestep)
         a_t, a_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
         b_t = F32(1.0) - a_t
         sqrt_a, sqrt_b = np.sqrt(a_t), np.sqrt(b_t)
@@ -555,15 +560,8 @@ class CogVideoXDDIMScheduler(DDIMScheduler):
         """One update from ``timestep`` to ``timestep - T // n``; returns ``prev_sample`` (``x0`` is kept in
         ``pred_original_sample``). Coefficients in the table's dtype, rounded to float32 before they scale
         the float32 tensors, as torch does with 0-d tensors."""
-        if self.num_inference_steps is None:
-            raise ValueError("CogVideoXDDIMScheduler: call set_timesteps() before step()")
-        t = int(_scalar_timestep(timestep))
-        T = self.config["num_train_timesteps"]
-        if not 0 <= t < T:
-            raise ValueError(f"CogVideoXDDIMScheduler: timestep {t} is outside 0..{T - 1}")
-        prev_t = t - T // self.num_inference_steps
-        a = self.alphas_cumprod[t]
-        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        t, prev_t = self._step_timesteps(timestep)
+        a, a_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
         a_prev = np.result_type(a, a_prev).type(a_prev)
         one = a.dtype.type(1.0)
         b = one - a
