@@ -495,8 +495,7 @@ def _wrappers():
     import torch
     import torch.nn.functional as F
 
-    def cast(x, like):
-        return x.to(like.dtype) if x.is_floating_point() else x
+    from diffkiln.models.submodels import cast_like as cast
 
     def dim(x, i):
         """Size of axis i as a 0-d int64 tensor: stays symbolic in a trace (a Python int would be frozen)."""

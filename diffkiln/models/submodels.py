@@ -25,13 +25,15 @@ class Submodel:
         return self.spec.name
 
 
+def cast_like(x, like):
+    """`x` in `like`'s dtype when it is a floating tensor (a wrapper's float32 inputs -> the weights' dtype)."""
+    return x.to(like.dtype) if x is not None and x.is_floating_point() else x
+
+
 def _wrappers():
     """Wrappers with float32 I/O whatever the weights' dtype: casts sit inside the graph, so every
     precision of a submodel shares one I/O spec and the runtime always feeds float32."""
     import torch
-
-    def cast(x, like):
-        return x.to(like.dtype) if x is not None and x.is_floating_point() else x
 
     class TextEncoder(torch.nn.Module):
         def __init__(self, text_encoder):
@@ -52,11 +54,11 @@ def _wrappers():
             # latents [B, C, h, w]; encoder_hidden_states [B, L, D]; mask [B, L] int64; timestep [B]
             w = next(self.transformer.parameters())
             return self.transformer(
-                cast(latents, w),
-                encoder_hidden_states=cast(encoder_hidden_states, w),
+                cast_like(latents, w),
+                encoder_hidden_states=cast_like(encoder_hidden_states, w),
                 encoder_attention_mask=encoder_attention_mask,
-                timestep=cast(timestep, w),
-                guidance=cast(guidance, w),
+                timestep=cast_like(timestep, w),
+                guidance=cast_like(guidance, w),
                 return_dict=False,
             )[0].float()
 
@@ -67,7 +69,7 @@ def _wrappers():
 
         def forward(self, latents):
             # latents [B, C, h, w] (already divided by the scaling factor) -> image [B, 3, H, W] in [-1, 1]
-            return self.vae.decode(cast(latents, next(self.vae.parameters())), return_dict=False)[0].float()
+            return self.vae.decode(cast_like(latents, next(self.vae.parameters())), return_dict=False)[0].float()
 
     return TextEncoder, Transformer, VaeDecoder
 

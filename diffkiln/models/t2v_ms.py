@@ -361,8 +361,7 @@ def _wrappers():
     """Wrappers with float32 I/O whatever the weights' dtype (casts inside the graph)."""
     import torch
 
-    def cast(x, like):
-        return x.to(like.dtype) if x.is_floating_point() else x
+    from diffkiln.models.submodels import cast_like as cast
 
     class TextEncoder(torch.nn.Module):
         def __init__(self, text_encoder):
