@@ -195,10 +195,33 @@ def test_scm_matches_diffusers(monkeypatch, steps, kwargs, sigma_data):
     ours_x, theirs_x = x, torch.from_numpy(x.copy())
     for t, noise in zip(theirs.timesteps[:-1], noises):
         out = rng.standard_normal(SHAPE, dtype=np.float32)
-        ours_x, ours_d = ours.step(out, np.full(SHAPE[0], t.item(), np.float32), ours_x, noise=noise)
+        ours_x = ours.step(out, np.full(SHAPE[0], t.item(), np.float32), ours_x, noise=noise)
+        ours_d = ours.pred_original_sample
         theirs_x, theirs_d = theirs.step(torch.from_numpy(out.copy()), t.expand(SHAPE[0]), theirs_x, return_dict=False)
         np.testing.assert_allclose(ours_x, theirs_x.numpy(), atol=ATOL, rtol=0)
         np.testing.assert_allclose(ours_d, theirs_d.numpy(), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_scm_default_schedule_is_sana_sprints(monkeypatch, steps):
+    """set_timesteps(n) alone follows SanaSprintPipeline: intermediate_timesteps=1.3 only for 2 steps."""
+    ours, theirs = _pair(SCM)
+    ours.set_timesteps(steps)
+    theirs.set_timesteps(steps, intermediate_timesteps=1.3 if steps == 2 else None)
+    np.testing.assert_array_equal(ours.timesteps, theirs.timesteps.numpy())
+    assert ours.needs_noise and ours.init_noise_sigma == theirs.init_noise_sigma
+    rng = np.random.default_rng(10 + steps)
+    noises = [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(steps)]
+    monkeypatch.setattr(diffusers_scm, "randn_tensor", _NoiseFeed(noises))
+    x = rng.standard_normal(SHAPE, dtype=np.float32) * np.float32(0.5)
+    ours_x, theirs_x = x, torch.from_numpy(x.copy())
+    for t, noise in zip(theirs.timesteps[:-1], noises):
+        out = rng.standard_normal(SHAPE, dtype=np.float32)
+        assert np.array_equal(ours.scale_model_input(ours_x, t.item()), ours_x)
+        ours_x = ours.step(out, t.item(), ours_x, noise=noise)
+        theirs_x, theirs_d = theirs.step(torch.from_numpy(out.copy()), t, theirs_x, return_dict=False)
+        np.testing.assert_allclose(ours_x, theirs_x.numpy(), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(ours.pred_original_sample, theirs_d.numpy(), atol=ATOL, rtol=0)
 
 
 def test_scm_timestep_lookup_and_noise_rules(monkeypatch):
@@ -216,7 +239,7 @@ def test_scm_timestep_lookup_and_noise_rules(monkeypatch):
     ours_x, theirs_x = x, torch.from_numpy(x.copy())
     for i, t in enumerate(theirs.timesteps[:-1]):  # scalar timesteps looked up in the schedule (no begin index)
         last = i == 3
-        ours_x, _ = ours.step(out, float(t), ours_x, noise=None if last else noises[i])  # t=0 next: noise optional
+        ours_x = ours.step(out, float(t), ours_x, noise=None if last else noises[i])  # t=0 next: noise optional
         theirs_x, _ = theirs.step(torch.from_numpy(out.copy()), t, theirs_x, return_dict=False)
         np.testing.assert_allclose(ours_x, theirs_x.numpy(), atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="past the schedule"):
@@ -224,7 +247,7 @@ def test_scm_timestep_lookup_and_noise_rules(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"num_inference_steps": 3}, "intermediate_timesteps"),
+    ({"num_inference_steps": 3, "intermediate_timesteps": 1.3}, "intermediate_timesteps"),
     ({"num_inference_steps": 2, "timesteps": [1.5, 0.5]}, "length"),
     ({"num_inference_steps": 1, "timesteps": [1.5, 0.0], "intermediate_timesteps": None}, "max_timesteps"),
     ({"num_inference_steps": 1, "max_timesteps": None, "intermediate_timesteps": None}, "max_timesteps"),
@@ -304,8 +327,8 @@ BOUNDARY = textwrap.dedent("""
     s.set_timesteps(2)
     y = x
     for t in s.timesteps[:-1]:
-        y, d = s.step(x, t, y, noise=x)
-    assert np.isfinite(d).all()
+        y = s.step(x, t, y, noise=x)
+    assert np.isfinite(s.pred_original_sample).all()
     loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')
                     and sys.modules[m] is not None)
     assert not loaded, loaded

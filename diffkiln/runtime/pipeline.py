@@ -249,7 +249,8 @@ class Pipeline(EnginePipeline):
             pred = ((1 - 2 * st) * model_in + (1 - 2 * st + 2 * st**2) * pred) / norm
             pred = (pred * sigma).astype(np.float32)
             noise = rng.standard_normal(latents.shape, dtype=np.float32) if multistep else None
-            latents, denoised = scheduler.step(pred, np.full(latents.shape[0], t32), latents, noise=noise)
+            latents = scheduler.step(pred, np.full(latents.shape[0], t32), latents, noise=noise)
+            denoised = scheduler.pred_original_sample
             if callback:
                 callback(i, float(t), latents)
         return (denoised / sigma).astype(np.float32)

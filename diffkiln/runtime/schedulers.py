@@ -56,6 +56,8 @@ class Scheduler:
     """Common shape of the samplers: config handling, step-index bookkeeping, validation."""
 
     order: int = 1
+    init_noise_sigma: float = 1.0
+    needs_noise: bool = False  # True: ``step`` takes fresh standard-normal ``noise`` (the sample's shape)
     _defaults: dict[str, Any] = {}
     _supported: dict[str, tuple] = {}
 
@@ -72,6 +74,11 @@ class Scheduler:
         self.num_inference_steps: int | None = None
         self._step_index: int | None = None
         self._begin_index: int | None = None
+        self.pred_original_sample: np.ndarray | None = None
+
+    def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray:
+        """The denoiser's input for ``sample`` at ``timestep``: ``sample`` itself unless the sampler scales it."""
+        return sample
 
     @property
     def step_index(self) -> int | None:
@@ -128,8 +135,9 @@ class Scheduler:
         """Build ``timesteps``/``sigmas`` and reset the stepping state."""
         raise NotImplementedError
 
-    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, **kwargs: Any) -> Any:
-        """Advance one step; returns ``prev_sample`` (SCM: ``(prev_sample, denoised)``)."""
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """Advance one step; returns ``prev_sample`` (the denoised estimate, where computed, is kept in
+        ``pred_original_sample``). ``noise`` is used only by samplers with ``needs_noise``."""
         raise NotImplementedError
 
 
@@ -162,7 +170,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         self._outputs: list[np.ndarray | None] = [None] * self.config["solver_order"]
         self._lower_order_nums = 0
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, **kwargs: Any) -> None:
         """Flow sigmas ``shift*s/(1+(shift-1)*s)`` on a linear grid, int64 timesteps, and a final sigma of 0."""
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -184,7 +192,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         with np.errstate(divide="ignore"):  # sigma 0 at the end: lambda = +inf, as in torch
             return alpha, sigma, _f32(np.log, alpha) - _f32(np.log, sigma)
 
-    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         """One multistep update; returns ``prev_sample`` in ``model_output``'s dtype."""
         i = self._begin_step(timestep)
         n, order = len(self.timesteps), self.config["solver_order"]
@@ -193,6 +201,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         sample32 = np.asarray(sample, dtype=np.float32)
         x0 = sample32 - self.sigmas[i] * np.asarray(model_output, dtype=np.float32)  # flow_prediction -> data
         self._outputs = self._outputs[1:] + [x0]
+        self.pred_original_sample = x0
         if order == 1 or self._lower_order_nums < 1 or final:
             prev = self._first_order(x0, sample32, i)
         elif order == 2 or self._lower_order_nums < 2 or second:
@@ -295,7 +304,7 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         self.sigmas = np.concatenate([s, np.zeros(1, np.float32)])
         self._reset(len(s))
 
-    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         """``sample + (sigma_next - sigma) * model_output``; returns ``prev_sample`` in ``model_output``'s dtype."""
         if isinstance(timestep, (int, np.integer)) or np.issubdtype(np.asarray(timestep).dtype, np.integer):
             raise ValueError(
@@ -315,6 +324,7 @@ class SCMScheduler(Scheduler):
     evaluates the model at ``timesteps[:-1]``. diffusers' SCMScheduler has no sigma table, so ``sigmas`` is empty.
     """
 
+    needs_noise = True
     _defaults = {"num_train_timesteps": 1000, "prediction_type": "trigflow", "sigma_data": 0.5}
     _supported = {"prediction_type": ("trigflow",)}
 
@@ -323,13 +333,18 @@ class SCMScheduler(Scheduler):
         num_inference_steps: int,
         timesteps: list[float] | np.ndarray | None = None,
         max_timesteps: float | None = 1.57080,
-        intermediate_timesteps: float | None = 1.3,
+        intermediate_timesteps: float | None | str = "auto",
     ) -> None:
         """Angles ``linspace(max_timesteps, 0, n + 1)``, ``[max, intermediate, 0]`` for n=2, or custom ``timesteps``.
 
+        ``intermediate_timesteps="auto"`` is SanaSprintPipeline's rule: 1.3 for 2 steps, ``None`` otherwise.
         As in diffusers, ``intermediate_timesteps`` must be ``None`` unless ``num_inference_steps == 2`` and
         ``max_timesteps`` must be ``None`` when ``timesteps`` is given.
         """
+        if isinstance(intermediate_timesteps, str):
+            if intermediate_timesteps != "auto":
+                raise ValueError(f"intermediate_timesteps={intermediate_timesteps!r}; expected a float, None or 'auto'")
+            intermediate_timesteps = 1.3 if num_inference_steps == 2 else None
         T = self.config["num_train_timesteps"]
         if num_inference_steps > T:
             raise ValueError(f"num_inference_steps={num_inference_steps} cannot be larger than num_train_timesteps={T}")
@@ -360,8 +375,8 @@ class SCMScheduler(Scheduler):
 
     def step(
         self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, noise: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Returns ``(prev_sample, denoised)``.
+    ) -> np.ndarray:
+        """Returns ``prev_sample``; the denoised estimate is kept in ``pred_original_sample``.
 
         ``noise`` is standard normal with the sample's shape (diffusers' ``randn_tensor``); it is scaled by
         ``sigma_data`` here. It is required whenever the next angle ``t`` is non-zero; at ``t == 0`` its
@@ -382,7 +397,8 @@ class SCMScheduler(Scheduler):
                 raise ValueError(f"noise shape {noise.shape} does not match model_output shape {model_output.shape}")
             prev = _f32(np.cos, t) * denoised + _f32(np.sin, t) * (noise * F32(self.config["sigma_data"]))
         self._step_index = i + 1
-        return prev.astype(dtype, copy=False), denoised.astype(dtype, copy=False)
+        self.pred_original_sample = denoised.astype(dtype, copy=False)
+        return prev.astype(dtype, copy=False)
 
 
 _SCHEDULERS: dict[str, type[Scheduler]] = {
@@ -462,9 +478,19 @@ class DDIMScheduler(Scheduler):
             raise ValueError(f"{name}: timestep {t} is outside 0..{T - 1}")
         return t, t - T // self.num_inference_steps
 
-    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, eta: float = 0.0,
-             variance_noise: np.ndarray | None = None) -> np.ndarray:
-        """One DDIM update from ``timestep`` to ``timestep - T // n``; returns ``prev_sample``."""
+    eta: float = 0.0  # the default eta of ``step`` (DDIMPipeline's ``eta``); > 0 makes ``needs_noise`` True
+
+    @property
+    def needs_noise(self) -> bool:  # type: ignore[override]
+        return self.eta > 0
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, noise: np.ndarray | None = None,
+             eta: float | None = None, variance_noise: np.ndarray | None = None) -> np.ndarray:
+        """One DDIM update from ``timestep`` to ``timestep - T // n``; returns ``prev_sample`` (``x0`` is kept in
+        ``pred_original_sample``). ``eta`` defaults to ``self.eta``; with ``eta > 0`` the standard-normal
+        ``noise`` (alias ``variance_noise``) is required."""
+        eta = self.eta if eta is None else eta
+        variance_noise = noise if variance_noise is None else variance_noise
         t, prev_t = self._step_timesteps(timestep)
         a_t, a_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
         b_t = F32(1.0) - a_t
@@ -482,6 +508,7 @@ class DDIMScheduler(Scheduler):
         if self.config["clip_sample"]:
             r = F32(self.config["clip_sample_range"])
             x0 = np.clip(x0, -r, r)
+        self.pred_original_sample = x0
         variance = ((F32(1.0) - a_prev) / b_t) * (F32(1.0) - a_t / a_prev)
         std = F32(eta) * np.sqrt(variance)
         prev = np.sqrt(a_prev) * x0 + np.sqrt(F32(1.0) - a_prev - std * std) * pred_eps
@@ -556,7 +583,10 @@ class CogVideoXDDIMScheduler(DDIMScheduler):
         self.timesteps = np.arange(T)[::-1].astype(np.int64)
         self.pred_original_sample: np.ndarray | None = None
 
-    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
+    needs_noise = False  # diffusers ignores eta here
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,  # type: ignore[override]
+             noise: np.ndarray | None = None) -> np.ndarray:
         """One update from ``timestep`` to ``timestep - T // n``; returns ``prev_sample`` (``x0`` is kept in
         ``pred_original_sample``). Coefficients in the table's dtype, rounded to float32 before they scale
         the float32 tensors, as torch does with 0-d tensors."""
