@@ -1,9 +1,10 @@
 """`diffkiln calibrate`: run the eager model over calibration prompts x the sampler's steps, collect per-layer
 activation statistics, and write a versioned calibration cache (safetensors + json).
 
-The sampler is the model's own diffusers pipeline (SanaPipeline / SanaSprintPipeline) with its
-default scheduler, so the transformer sees the activations of real denoising trajectories,
-classifier-free guidance batch included.
+The sampler is the model's own diffusers pipeline (SanaPipeline, SanaSprintPipeline, SanaVideoPipeline,
+CogVideoXPipeline, TextToVideoSDPipeline) with its scheduler, so the denoiser of any family (`model.denoiser`:
+the transformer or the UNet) sees the activations of real denoising trajectories, classifier-free guidance batch
+included. Videos are sampled at the smallest size the model takes and few frames (`sampler_shape`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class CalibrationConfig:
     guidance: float | None = None
     batch: int = 4
     seed: int = 0
+    height: int | None = None  # None: the model's default size (images) / its smallest size (videos)
+    width: int | None = None
+    frames: int | None = None  # videos; None: few frames (denoiser.fewest_frames)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     version: int = 1
@@ -66,28 +70,26 @@ class Calibration:
 
 
 def calibrate(model, prompts: list[str], config: CalibrationConfig, out: str | Path, source: str = "") -> Calibration:
-    """Collect statistics for `model.transformer` over `prompts` (the first num_prompts) and write `out`."""
+    """Collect statistics for the model's denoiser over `prompts` (the first num_prompts) and write `out`."""
     import torch
 
-    if model.transformer is None or model.text_encoder is None:
-        raise DiffkilnError("calibration runs the pipeline: load the model with text_encoder and transformer")
+    from diffkiln.calibration.denoiser import denoiser_module, denoiser_name, pipeline_call, sampler_defaults, sampler_shape
+
+    denoiser = denoiser_module(model)
+    if getattr(model, "text_encoder", None) is None:
+        raise DiffkilnError(f"calibration runs the {model.family} pipeline: load the model with text_encoder and "
+                            f"{denoiser_name(model)}")
     prompts = prompts[: config.num_prompts]
-    layers = quantizable_layers(model.transformer, config.include, config.exclude)
+    layers = quantizable_layers(denoiser, config.include, config.exclude)
     if not layers:
         raise DiffkilnError(f"no Linear/1x1-conv layers match include={config.include} exclude={config.exclude}")
-    pipe = model.diffusers_pipeline()
-    pipe.vae_scale_factor = model.vae_scale_factor  # without a VAE loaded diffusers assumes 32: wrong latent size
-    pipe.set_progress_bar_config(disable=True)
-    p = model.preset
-    steps = config.steps or p.steps
-    guidance = p.guidance_scale if config.guidance is None else config.guidance
+    steps, guidance = sampler_defaults(model, config.steps, config.guidance)
+    shape = sampler_shape(model, config.height, config.width, config.frames)
     start = time.perf_counter()
     batches = [prompts[i : i + config.batch] for i in range(0, len(prompts), config.batch)]
     with Collector(layers, config.seed) as collector, torch.inference_mode():
         for i, batch in enumerate(progress(batches, desc="calibrate")):
-            pipe(prompt=batch, num_inference_steps=steps, guidance_scale=guidance, height=p.height, width=p.width,
-                 generator=torch.Generator().manual_seed(config.seed + i), output_type="latent",
-                 use_resolution_binning=False, max_sequence_length=p.max_sequence_length)
+            pipeline_call(model, batch, steps, guidance, config.seed + i, shape)
     seconds = time.perf_counter() - start
     amax = {name: {"max": s.amax, "percentile": s.amax_for("percentile", config.percentile), "mse": s.amax_for("mse"),
                    "weight": s.weight_amax, "calls": s.calls} for name, s in collector.stats.items()}
@@ -95,16 +97,31 @@ def calibrate(model, prompts: list[str], config: CalibrationConfig, out: str | P
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"name": model.name, "source": model.source, "config_hash": model.config_hash(),
+                  "family": model.family, "denoiser": denoiser_name(model),
                   "weights": dict(getattr(model, "weights_ids", {}))},
         "config": asdict(config),
         "prompts": {"source": source, "count": len(prompts), "hash": prompts_hash(prompts)},
-        "sampler": {"steps": steps, "guidance_scale": guidance, "height": p.height, "width": p.width},
+        "sampler": {"steps": steps, "guidance_scale": guidance, **shape},
         "seconds": round(seconds, 2),
         "layers": sorted(layers),
     }
-    log(f"calibrated {len(layers)} layers over {len(prompts)} prompts x {steps} steps in {seconds:.1f}s")
+    log(f"calibrated {len(layers)} {denoiser_name(model)} layers over {len(prompts)} prompts x {steps} steps in {seconds:.1f}s")
     save(Calibration(meta, amax), out)
     return Calibration(meta, amax)
+
+
+def calibration_model(source, with_vae: bool = False, dtype: str = "float32"):
+    """Load what calibration (and, with_vae, the sensitivity sweep) runs: text encoder and denoiser of any family."""
+    from diffkiln.calibration.denoiser import DENOISERS
+    from diffkiln.models.registry import adapter_for, load_model
+
+    mod = adapter_for(source)
+    found = [n for n in mod.SUBMODELS if n in DENOISERS]
+    if len(found) != 1:
+        raise DiffkilnError(f"{source}: its family declares no single denoiser among {mod.SUBMODELS}; "
+                            "calibration does not support it")
+    names = ["text_encoder", found[0]] + (["vae_decoder"] if with_vae and "vae_decoder" in mod.SUBMODELS else [])
+    return load_model(source, [n for n in names if n in mod.SUBMODELS], dtype=dtype)
 
 
 def save(cal: Calibration, out: str | Path) -> None:

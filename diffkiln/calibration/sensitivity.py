@@ -1,17 +1,19 @@
-"""Per-block quantization sensitivity of the transformer, and a mixed-precision plan that meets an SQNR budget.
+"""Per-block quantization sensitivity of any family's denoiser, and a mixed-precision plan that meets an SQNR budget.
 
 `sweep` fake-quantizes (eager, the same functions the quantized graphs are checked against:
-`fake_quantize_fp8` / `fake_quantize_nvfp4`) one transformer block at a time (every calibrated layer whose
-name starts with `transformer_blocks.{i}.`), measures the transformer's output against the unquantized one
-on fixed inputs, and reports each block's SQNR. Then it plans greedily: starting from every block quantized,
+`fake_quantize_fp8` / `fake_quantize_nvfp4`) one block of the denoiser (`model.denoiser`: the transformer or
+the UNet) at a time (every calibrated layer whose name starts with `<list>.{i}.`, e.g. `transformer_blocks.3.`,
+`down_blocks.1.`, or `mid_block.`), measures the denoiser's output against the unquantized one on fixed
+inputs, and reports each block's SQNR. Then it plans greedily: starting from every block quantized,
 the most sensitive block left is kept in 16-bit until the output of all the remaining blocks quantized
 together meets `budget_db`. The plan's "quantize" list is the `layers` argument of the quantized engine-set
 builders (`add_fp8_engine_set`, `add_nvfp4_engine_set`).
 
-Inputs: by default the transformer's inputs captured from a short real pipeline run (latents along a real
-denoising trajectory, real text embeddings and masks, CFG batch included) on held-out prompts when the model
-has its text encoder; otherwise the transformer submodel's `sample` at its parity shapes. `feeds_fn()` may
-supply others: a list of feed dicts of the transformer submodel (numpy, names as in its spec).
+Inputs: by default the denoiser's inputs captured from a short real pipeline run (latents along a real
+denoising trajectory, real text embeddings and masks, CFG batch included; videos at the calibration sampler's
+size) on held-out prompts when the model has its text encoder; otherwise the denoiser submodel's `sample` at
+its parity shapes. `feeds_fn()` may supply others: a list of feed dicts of the denoiser submodel (numpy,
+names as in its spec).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from diffkiln.errors import DiffkilnError
 
 PRECISIONS = ("fp8", "nvfp4")
 PLAN_SCHEMA = 1
-BLOCK = re.compile(r"^(transformer_blocks\.\d+\.)")
-OTHER = "other"  # calibrated layers outside the transformer blocks, swept as one group
+BLOCK = re.compile(r"^([A-Za-z_]+\.\d+\.|mid_block\.)")  # an entry of a top-level ModuleList, or the UNet's middle
+OTHER = "other"  # calibrated layers outside the blocks, swept as one group
 
 
 def block_of(layer: str) -> str:
@@ -36,80 +38,77 @@ def block_of(layer: str) -> str:
 
 
 def group_layers(layers: list[str]) -> dict[str, list[str]]:
-    """block prefix ('transformer_blocks.3.') -> its layers, in block order; layers outside blocks under 'other'."""
+    """block prefix ('transformer_blocks.3.', 'down_blocks.0.', 'mid_block.') -> its layers, in block order (lists
+    in order of first appearance, entries by index); layers outside blocks under 'other', last."""
     groups: dict[str, list[str]] = {}
     for n in layers:
         groups.setdefault(block_of(n), []).append(n)
+    lists = list(dict.fromkeys(p.split(".")[0] for p in groups if p != OTHER))
 
     def key(prefix):
-        return (1, 0) if prefix == OTHER else (0, int(prefix.split(".")[1]))
+        if prefix == OTHER:
+            return (1, 0, 0)
+        head, _, rest = prefix.partition(".")
+        return (0, lists.index(head), int(rest.rstrip(".") or 0))
 
     return {k: groups[k] for k in sorted(groups, key=key)}
 
 
 def capture_inputs(model, prompts: list[str], steps: int = 2, seed: int = 0, max_calls: int | None = None) -> list:
-    """Run the model's diffusers pipeline on `prompts` and record the transformer's inputs at every call.
+    """Run the model's diffusers pipeline on `prompts` and record the denoiser's inputs at every call.
 
-    Returns a list of (args, kwargs) for `model.transformer` (tensors cloned; return_dict/attention_kwargs dropped).
+    Returns a list of (args, kwargs) for the denoiser module (tensors cloned; return_dict/attention_kwargs dropped).
+    Videos run at the calibration sampler's size (`denoiser.sampler_shape`).
     """
     import torch
 
-    if model.text_encoder is None or model.transformer is None:
-        raise DiffkilnError("capturing real transformer inputs runs the pipeline: load the model with text_encoder and transformer")
-    pipe = model.diffusers_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    # Without a VAE diffusers assumes a scale factor of 32 (2x2 latents for a 64 px preset): use the model's own,
-    # so the latents have the resolution the transformer really sees (output_type="latent" never decodes).
-    pipe.vae_scale_factor = model.vae_scale_factor
-    p = model.preset
+    from diffkiln.calibration.denoiser import denoiser_module, denoiser_name, pipeline_call, sampler_defaults, sampler_shape
+
+    denoiser = denoiser_module(model, "capturing real denoiser inputs")
+    if getattr(model, "text_encoder", None) is None:
+        raise DiffkilnError(f"capturing real {denoiser_name(model)} inputs runs the {model.family} pipeline: load the "
+                            "model with text_encoder")
     calls: list = []
 
     def hook(mod, args, kwargs):
         if max_calls is None or len(calls) < max_calls:
             kw = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()
-                  if k not in ("return_dict", "attention_kwargs")}
+                  if k not in ("return_dict", "attention_kwargs", "cross_attention_kwargs")}
             calls.append((tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args), kw))
 
-    handle = model.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.inference_mode():
-            pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=p.guidance_scale, height=p.height,
-                 width=p.width, generator=torch.Generator().manual_seed(seed), output_type="latent",
-                 use_resolution_binning=False, max_sequence_length=p.max_sequence_length)
+        pipeline_call(model, prompts, steps, sampler_defaults(model, steps, None)[1], seed, sampler_shape(model))
     finally:
         handle.remove()
     return calls
 
 
 def pipeline_feeds(model, prompts: list[str] | None = None, steps: int = 2, seed: int = 0) -> list[dict]:
-    """Transformer-submodel feeds (numpy, named as in its spec) captured from a short real pipeline run.
+    """Denoiser-submodel feeds (numpy, named as in its spec) captured from a short real pipeline run.
 
     Default prompts: the first two held-out prompts (not the calibration set).
     """
+    from diffkiln.calibration.denoiser import call_feeds, denoiser_submodel
+
     if prompts is None:
         from diffkiln.calibration.prompts import read_prompts, split
 
         prompts = split(read_prompts())[1][:2]
-    feeds = []
-    for args, kwargs in capture_inputs(model, prompts, steps, seed):
-        f = {"latents": args[0] if args else kwargs["hidden_states"], **{
-            k: kwargs[k] for k in ("encoder_hidden_states", "encoder_attention_mask", "timestep", "guidance")
-            if kwargs.get(k) is not None}}
-        f = {k: v.float().numpy() if v.is_floating_point() else v.long().numpy() for k, v in f.items()}
-        feeds.append(f)
-    return feeds
+    sub, _ = denoiser_submodel(model)
+    return [call_feeds(sub, args, kwargs) for args, kwargs in capture_inputs(model, prompts, steps, seed)]
 
 
 def _cases(model, feeds_fn, prompts, steps):
-    """Callables returning the transformer's float32 output (torch) for each fixed input, and what they are."""
+    """Callables returning the denoiser's float32 output (torch) for each fixed input, and what they are."""
     import torch
 
-    from diffkiln.models.submodels import sana_submodels
+    from diffkiln.calibration.denoiser import denoiser_submodel
 
-    sub = sana_submodels(model, ["transformer"])["transformer"]
+    sub, _ = denoiser_submodel(model)
     if feeds_fn is not None:
         feeds, inputs = list(feeds_fn()), {"source": "feeds_fn"}
-    elif model.text_encoder is not None:
+    elif getattr(model, "text_encoder", None) is not None:
         feeds = pipeline_feeds(model, prompts, steps)
         inputs = {"source": "pipeline", "prompts": prompts or "held-out[:2]", "steps": steps}
     else:
@@ -133,7 +132,7 @@ def _sqnr(refs, outs) -> float:
 
 def sweep(model, calibration, precision: str = "fp8", feeds_fn=None, budget_db: float = 30.0,
           method: str | None = None, prompts: list[str] | None = None, steps: int = 2) -> dict:
-    """Per-block sensitivity of `model.transformer` to `precision` and a plan meeting `budget_db` (SQNR, dB).
+    """Per-block sensitivity of the model's denoiser (`model.denoiser`) to `precision` and a plan meeting `budget_db` (SQNR, dB).
 
     Returns {"blocks": [{"block", "layers" (count), "names", "sqnr_db"}], "plan": {"quantize": [layers], "keep": [block prefixes]},
     "sqnr_db_all", "sqnr_db_plan", ...}. `budget_db=inf` keeps every block in 16-bit; `0` quantizes all.
@@ -145,12 +144,12 @@ def sweep(model, calibration, precision: str = "fp8", feeds_fn=None, budget_db: 
 
     if precision not in PRECISIONS:
         raise DiffkilnError(f"sensitivity precision {precision!r}; expected one of {PRECISIONS}")
-    if model.transformer is None:
-        raise DiffkilnError("the sensitivity sweep needs the transformer")
+    from diffkiln.calibration.denoiser import denoiser_module
+
+    denoiser = denoiser_module(model, "the sensitivity sweep")  # a transformer or a UNet
     if math.isnan(budget_db):
         raise DiffkilnError("budget_db is NaN")
     start = time.perf_counter()
-    transformer = model.transformer
     calibrated = list(calibration.meta["layers"])
     skipped: list[str] = []
     if precision == "nvfp4":
@@ -161,11 +160,11 @@ def sweep(model, calibration, precision: str = "fp8", feeds_fn=None, budget_db: 
             nvfp4_weights,
         )
 
-        layers, skipped = nvfp4_layers(transformer, calibrated)
-        weights, gscales = nvfp4_weights(transformer, calibration, layers), act_global_scales(calibration, layers, method)
+        layers, skipped = nvfp4_layers(denoiser, calibrated)
+        weights, gscales = nvfp4_weights(denoiser, calibration, layers), act_global_scales(calibration, layers, method)
 
         def apply(names):
-            return fake_quantize_nvfp4(transformer, {n: weights[n] for n in names}, {n: gscales[n] for n in names})
+            return fake_quantize_nvfp4(denoiser, {n: weights[n] for n in names}, {n: gscales[n] for n in names})
     else:
         from diffkiln.export.quantize import fake_quantize_fp8, fp8_scales
 
@@ -173,12 +172,12 @@ def sweep(model, calibration, precision: str = "fp8", feeds_fn=None, budget_db: 
         scales = fp8_scales(calibration, layers, method)
 
         def apply(names):
-            return fake_quantize_fp8(transformer, {n: scales[n] for n in names})
+            return fake_quantize_fp8(denoiser, {n: scales[n] for n in names})
 
-    mods = dict(transformer.named_modules())
+    mods = dict(denoiser.named_modules())
     missing = [n for n in layers if n not in mods]
     if missing:
-        raise DiffkilnError(f"{len(missing)} calibrated layers are not in this transformer (e.g. {missing[:3]}); "
+        raise DiffkilnError(f"{len(missing)} calibrated layers are not in this {model.family} denoiser (e.g. {missing[:3]}); "
                             "was the calibration made for another model?")
     groups = group_layers(layers)
     cases, inputs = _cases(model, feeds_fn, prompts, steps)

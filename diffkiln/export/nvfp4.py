@@ -28,9 +28,12 @@ from diffkiln.errors import DiffkilnError
 from diffkiln.export.quantize import (
     GEMM_OPS,
     calibration_facts,
+    eager_runner,
     install_quantized_set,
     layer_of,
     measure_quantized,
+    ort_runner,
+    quantized_denoiser,
     replace_nodes,
 )
 from diffkiln.plugins.formats import (
@@ -344,12 +347,12 @@ def add_nvfp4_engine_set(root, manifest, model, calibration, base_precision: str
                          layers: list[str] | None = None, parity_shapes: str = "declared"):
     """Add the engine set onnxruntime/any/nvfp4 to the engine directory being written at `root`.
 
-    The transformer's ONNX (from the `base_precision` set) is rewritten twice: `transformer.nvfp4.onnx`
-    (the onnxruntime form: the set's file, with parity against the eager fake-quant transformer and quality
-    vs the unquantized one) and `transformer.nvfp4.trt.onnx` (the tensorrt form, recorded in the entry's
-    options as "tensorrt_onnx", for TensorRT builds on FP4 GPUs). `layers`: the layers to quantize (default:
-    every calibrated layer; e.g. a sensitivity plan's "quantize" list); those whose K is not a multiple of 16
-    are skipped and listed in the options.
+    The denoiser's ONNX (`model.denoiser`: the transformer or the UNet, from the `base_precision` set) is
+    rewritten twice: `<denoiser>.nvfp4.onnx` (the onnxruntime form: the set's file, with parity against the eager
+    fake-quant denoiser and quality vs the unquantized one) and `<denoiser>.nvfp4.trt.onnx` (the tensorrt form,
+    recorded in the entry's options as "tensorrt_onnx", for TensorRT builds on FP4 GPUs). `layers`: the layers
+    to quantize (default: every calibrated layer; e.g. a sensitivity plan's "quantize" list); those whose K is
+    not a multiple of 16 are skipped and listed in the options.
     """
     import copy
     import time
@@ -358,56 +361,51 @@ def add_nvfp4_engine_set(root, manifest, model, calibration, base_precision: str
     import onnx
     import torch
 
-    from diffkiln.engines.eager import EagerEngine
-    from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
     from diffkiln.export.onnx import save_model
-    from diffkiln.models.submodels import sana_submodels
     from diffkiln.progress import log
 
     root = Path(root)
-    base = manifest.engine("onnxruntime", precision=base_precision)
-    if "transformer" not in base.files:
-        raise DiffkilnError("NVFP4 quantizes the transformer: the base engine set has none")
+    base, name, sub, attr = quantized_denoiser(manifest, model, "nvfp4", base_precision)
     start = time.perf_counter()
     calibrated = calibration.meta["layers"]
     wanted = list(calibrated) if layers is None else list(layers)
     unknown = sorted(set(wanted) - set(calibrated))
     if unknown:
         raise DiffkilnError(f"{len(unknown)} layers to quantize were not calibrated (e.g. {unknown[:3]})")
-    sub = sana_submodels(model, ["transformer"])["transformer"]
-    chosen, skipped = nvfp4_layers(sub.module.transformer, wanted)
+    denoiser = getattr(sub.module, attr)
+    chosen, skipped = nvfp4_layers(denoiser, wanted)
     if skipped:
         log(f"nvfp4: {len(skipped)} layers kept unquantized, K not a multiple of {NVFP4_BLOCK}: {skipped[:3]}")
-    weights = nvfp4_weights(sub.module.transformer, calibration, chosen)
+    weights = nvfp4_weights(denoiser, calibration, chosen)
     scales = act_global_scales(calibration, chosen, method)
-    src = root / base.files["transformer"][0]
-    external = len(base.files["transformer"]) > 1
+    src = root / base.files[name][0]
+    external = len(base.files[name]) > 1
     # one graph in memory at a time (the base graph is read again for the second form)
-    ort_model, done = insert_nvfp4(onnx.load(str(src)), weights, scales, "/transformer/", "onnxruntime")
-    files = save_model(ort_model, root / "transformer.nvfp4.onnx", external=external)
+    ort_model, done = insert_nvfp4(onnx.load(str(src)), weights, scales, f"/{attr}/", "onnxruntime")
+    files = save_model(ort_model, root / f"{name}.nvfp4.onnx", external=external)
     del ort_model
-    trt_model, _ = insert_nvfp4(onnx.load(str(src)), weights, scales, "/transformer/", "tensorrt")
-    trt_files = save_model(trt_model, root / "transformer.nvfp4.trt.onnx", external=external)
+    trt_model, _ = insert_nvfp4(onnx.load(str(src)), weights, scales, f"/{attr}/", "tensorrt")
+    trt_files = save_model(trt_model, root / f"{name}.nvfp4.trt.onnx", external=external)
     del trt_model
-    reference = EagerEngine(copy.deepcopy(sub.module), sub.spec)
-    mods = dict(sub.module.transformer.named_modules())
+    reference = eager_runner(copy.deepcopy(sub.module), sub.spec)
+    mods = dict(denoiser.named_modules())
     saved = {n: mods[n].weight.detach().clone() for n in chosen}  # the caller's model is left unquantized
-    handles = fake_quantize_nvfp4(sub.module.transformer, weights, scales)
-    parity, quality = measure_quantized(sub, reference, OnnxRuntimeEngine(root / files[0], sub.spec), parity_shapes)
-    for h in handles:
-        h.remove()
-    with torch.no_grad():
-        for n, w in saved.items():
-            mods[n].weight.copy_(w)
+    handles = fake_quantize_nvfp4(denoiser, weights, scales)
+    try:
+        parity, quality = measure_quantized(sub, reference, ort_runner(root / files[0], sub.spec), parity_shapes)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for n, w in saved.items():
+                mods[n].weight.copy_(w)
     return install_quantized_set(manifest, base, "nvfp4", files, parity, quality, start, {
         "quantized_layers": done, "skipped_layers": skipped, "tensorrt_onnx": trt_files[0],
         "tensorrt_onnx_files": trt_files, "calibration": calibration_facts(calibration, method),
         "scheme": "NVFP4: E2M1 weights with E4M3 block-16 scales and an fp32 global scale (offline); "
                   "activations quantized dynamically per 16-block with a calibrated global scale. "
                   "onnxruntime file: standard-op fake quantization (opset 21); tensorrt_onnx: FLOAT4E2M1 "
-                  "DequantizeLinear + trt::TRT_FP4DynamicQuantize (opset 23)"})
-
-
+                  "DequantizeLinear + trt::TRT_FP4DynamicQuantize (opset 23)"}, submodel=name)
 
 
 def tensorrt_form_reference(model):

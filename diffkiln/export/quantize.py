@@ -15,6 +15,47 @@ from diffkiln.plugins.formats import E4M3_MAX, fp8_scale
 
 QDQ_OPSET = 21
 GEMM_OPS = ("MatMul", "Gemm", "Conv")
+DENOISERS = ("transformer", "unet")  # the submodel names a denoiser goes by (model.denoiser)
+
+
+def denoiser_name(model) -> str:
+    """The denoiser's submodel name: `model.denoiser`, else the one of DENOISERS the adapter declares."""
+    name = getattr(model, "denoiser", None)
+    if name:
+        return name
+    from diffkiln.models.registry import adapters
+
+    family = getattr(model, "family", "?")
+    for mod in adapters():
+        if type(model).__module__ == mod.__name__:
+            found = [n for n in mod.SUBMODELS if n in DENOISERS]
+            if len(found) == 1:
+                return found[0]
+    raise DiffkilnError(f"family {family!r}: its model names no denoiser (expected one of {DENOISERS}); "
+                        "calibration and quantization do not support it")
+
+
+def denoiser_module(model, what: str = "calibration"):
+    """The denoiser's torch module; refuse a model loaded without it, naming the submodel and the family."""
+    name = denoiser_name(model)
+    module = getattr(model, name, None)
+    if module is None:
+        raise DiffkilnError(f"{what} of {model.family} needs its denoiser: load the model with the {name!r} submodel")
+    return module
+
+
+def denoiser_submodel(model):
+    """(export wrapper Submodel of the denoiser, the wrapper attribute holding the denoiser module).
+
+    The attribute is also the ONNX node-name prefix of the denoiser's layers ('/transformer/...', '/unet/...').
+    """
+    name = denoiser_name(model)
+    sub = model.submodels([name])[name]
+    inner = denoiser_module(model)
+    attr = next((a for a, m in sub.module.named_children() if m is inner), None)
+    if attr is None:
+        raise DiffkilnError(f"{model.family}: the {name} export wrapper does not hold the model's {name} module")
+    return sub, attr
 
 
 def layer_of(node_name: str, prefix: str) -> str | None:
@@ -109,28 +150,75 @@ def fake_quantize_fp8(module, scales: dict[str, tuple[float, float]]) -> list:
 PARITY_SHAPES = ("declared", "smallest")
 
 
+def eager_runner(module, spec):
+    """feeds (numpy, named as in `spec`) -> {output: float32 numpy} through the eager wrapper `module`."""
+    import numpy as np
+    import torch
+
+    def run(feeds):
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in spec.inputs if t.name in feeds]
+        with torch.inference_mode():
+            return {spec.outputs[0].name: module.eval()(*args).float().numpy()}
+
+    return run
+
+
+def ort_runner(path, spec):
+    """feeds -> {output: numpy} through an ONNX Runtime CPU session of the graph at `path` (checked: its inputs
+    are the spec's)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+        raise DiffkilnError(f"ONNX Runtime could not load {path}: {type(e).__name__}: {e}") from e
+    names = [i.name for i in sess.get_inputs()]
+    if names != [t.name for t in spec.inputs]:
+        raise DiffkilnError(f"{path}: graph inputs {names} do not match the submodel's {[t.name for t in spec.inputs]}")
+
+    def run(feeds):
+        outs = sess.run(None, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        return {t.name: o for t, o in zip(spec.outputs, outs)}
+
+    return run
+
+
 def measure_quantized(sub, reference, engine, shapes: str = "declared") -> tuple[list[dict], list[dict]]:
     """(parity, quality) of a quantized graph `engine`: parity against `sub` (the eager model with the same fake
     quantization) at its parity shapes, quality (SQNR, cosine, errors) against the unquantized `reference`.
-    shapes="smallest": only at batch 1 and the smallest declared latent size (big models on a CPU)."""
+    `reference` and `engine`: callables feeds -> {output: array} (`eager_runner`, `ort_runner` or engines).
+    shapes="smallest": only at batch 1 and the smallest declared size of every other dim (big models on a CPU)."""
     import dataclasses
 
-    from diffkiln.engines.eager import EagerEngine
-    from diffkiln.export.parity import check_parity, compare
+    from diffkiln.export.parity import compare
 
     if shapes not in PARITY_SHAPES:
         raise DiffkilnError(f"parity shapes {shapes!r}; expected one of {PARITY_SHAPES}")
     if shapes == "smallest":
         sub = dataclasses.replace(sub, shapes=[{d: sub.spec.dims[d][0] for d in sub.shapes[0]}])
-
-    parity = check_parity(sub, EagerEngine(sub.module, sub.spec), engine)
+    eager = eager_runner(sub.module, sub.spec)
     out = sub.spec.outputs[0].name
-    quality = []
+    parity, quality = [], []
     for dims in sub.shapes:
+        feeds = sub.sample(dims, 1)  # the seed export parity uses
+        parity.append({"dims": dict(dims), **compare(eager(feeds)[out], engine(feeds)[out])})
         feeds = sub.sample(dims, 2)
         ref, got = reference(feeds)[out], engine(feeds)[out]
         quality.append({"dims": dict(dims), "sqnr_db": sqnr_db(ref, got), **compare(ref, got)})
     return parity, quality
+
+
+def quantized_denoiser(manifest, model, precision: str, base_precision: str):
+    """(base engine entry, denoiser name, its Submodel, wrapper attribute = ONNX node prefix) for a quantized set
+    of `model`'s denoiser; refuse a base set without it or a family without one, by name."""
+    name = denoiser_name(model)
+    base = manifest.engine("onnxruntime", precision=base_precision)
+    if name not in base.files:
+        raise DiffkilnError(f"{precision} quantizes the {model.family} denoiser {name!r}: the {base_precision} "
+                            f"engine set has none (submodels: {sorted(base.files)})")
+    sub, attr = denoiser_submodel(model)
+    return base, name, sub, attr
 
 
 def calibration_facts(calibration, method: str | None) -> dict:
@@ -151,10 +239,10 @@ def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, 
                        layers: list[str] | None = None, parity_shapes: str = "declared"):
     """Add the engine set onnxruntime/any/fp8 to the engine directory being written at `root`.
 
-    The transformer's ONNX (from the `base_precision` set) gets FP8 Q/DQ pairs from `calibration`;
-    the other submodels are shared with the base set. Parity: ONNX Runtime vs the eager transformer
-    with the same fake quantization; quality: vs the unquantized eager transformer (SQNR, cosine).
-    `layers`: the calibrated layers to quantize (a sensitivity plan); default all of them.
+    The denoiser's ONNX (`model.denoiser`: the transformer or the UNet, from the `base_precision` set) gets
+    FP8 Q/DQ pairs from `calibration`; the other submodels are shared with the base set. Parity: ONNX Runtime
+    vs the eager denoiser with the same fake quantization; quality: vs the unquantized eager denoiser (SQNR,
+    cosine). `layers`: the calibrated layers to quantize (a sensitivity plan); default all of them.
     """
     import copy
     import dataclasses
@@ -163,40 +251,34 @@ def add_fp8_engine_set(root, manifest, model, calibration, base_precision: str, 
 
     import onnx
 
-    from diffkiln.engines.eager import EagerEngine
-    from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
     from diffkiln.export.onnx import save_model
-    from diffkiln.models.submodels import sana_submodels
 
     root = Path(root)
-    base = manifest.engine("onnxruntime", precision=base_precision)
-    if "transformer" not in base.files:
-        raise DiffkilnError("FP8 quantizes the transformer: the base engine set has none")
+    base, name, sub, attr = quantized_denoiser(manifest, model, "fp8", base_precision)
     start = time.perf_counter()
     layers = calibration.meta["layers"] if layers is None else list(layers)
     unknown = sorted(set(layers) - set(calibration.meta["layers"]))
     if unknown:
         raise DiffkilnError(f"{len(unknown)} layers to quantize were not calibrated (e.g. {unknown[:3]})")
     scales = fp8_scales(calibration, layers, method)
-    src = root / base.files["transformer"][0]
-    quantized, done = insert_fp8_qdq(onnx.load(str(src)), scales, "/transformer/")
-    files = save_model(quantized, root / "transformer.fp8.onnx", external=len(base.files["transformer"]) > 1)
-    sub = sana_submodels(model, ["transformer"])["transformer"]
-    reference = EagerEngine(sub.module, sub.spec)
+    src = root / base.files[name][0]
+    quantized, done = insert_fp8_qdq(onnx.load(str(src)), scales, f"/{attr}/")
+    files = save_model(quantized, root / f"{name}.fp8.onnx", external=len(base.files[name]) > 1)
+    reference = eager_runner(sub.module, sub.spec)
     sub = dataclasses.replace(sub, module=copy.deepcopy(sub.module))  # the caller's model keeps its weights
-    handles = fake_quantize_fp8(sub.module.transformer, scales)
-    parity, quality = measure_quantized(sub, reference, OnnxRuntimeEngine(root / files[0], sub.spec), parity_shapes)
+    handles = fake_quantize_fp8(getattr(sub.module, attr), scales)
+    parity, quality = measure_quantized(sub, reference, ort_runner(root / files[0], sub.spec), parity_shapes)
     for h in handles:
         h.remove()
     return install_quantized_set(manifest, base, "fp8", files, parity, quality, start, {
         "quantized_layers": done, "calibration": calibration_facts(calibration, method),
-        "scheme": "FP8 E4M3 per-tensor Q/DQ on activations and weights (opset 21)"})
+        "scheme": "FP8 E4M3 per-tensor Q/DQ on activations and weights (opset 21)"}, submodel=name)
 
 
 def install_quantized_set(manifest, base, precision: str, files: list[str], parity: list[dict], quality: list[dict],
-                          start: float, options: dict):
-    """The engine set onnxruntime/any/<precision>: `base`'s files and parity with the quantized transformer's in
-    their place, replacing any earlier set of that key in `manifest`."""
+                          start: float, options: dict, submodel: str = "transformer"):
+    """The engine set onnxruntime/any/<precision>: `base`'s files and parity with the quantized `submodel`'s (the
+    denoiser's) in their place, replacing any earlier set of that key in `manifest`."""
     import time
 
     from diffkiln.manifest import EngineEntry
@@ -204,11 +286,12 @@ def install_quantized_set(manifest, base, precision: str, files: list[str], pari
 
     entry = EngineEntry(
         "onnxruntime", precision, "any",
-        files={**{k: v for k, v in base.files.items() if k != "transformer"}, "transformer": files},
-        parity={**{k: v for k, v in base.parity.items() if k != "transformer"}, "transformer": parity},
-        options={"base_precision": base.precision, **options, "quality_vs_unquantized": quality},
+        files={**{k: v for k, v in base.files.items() if k != submodel}, submodel: files},
+        parity={**{k: v for k, v in base.parity.items() if k != submodel}, submodel: parity},
+        options={"base_precision": base.precision, "quantized_submodel": submodel, **options,
+                 "quality_vs_unquantized": quality},
         tool_versions=base.tool_versions,
-        build_seconds={"transformer": round(time.perf_counter() - start, 3)},
+        build_seconds={submodel: round(time.perf_counter() - start, 3)},
     )
     manifest.engines = [e for e in manifest.engines if e.key != entry.key] + [entry]
     log(f"{precision}: {len(options['quantized_layers'])} layers quantized; ORT vs eager fake-quant max abs "
@@ -216,4 +299,4 @@ def install_quantized_set(manifest, base, precision: str, files: list[str], pari
     return entry
 
 
-__all__ = ["add_fp8_engine_set", "install_quantized_set", "replace_nodes", "calibration_facts", "measure_quantized", "E4M3_MAX", "fake_quantize_fp8", "fp8_scales", "insert_fp8_qdq", "layer_of", "sqnr_db"]
+__all__ = ["DENOISERS", "denoiser_module", "denoiser_name", "denoiser_submodel", "add_fp8_engine_set", "eager_runner", "ort_runner", "quantized_denoiser", "install_quantized_set", "replace_nodes", "calibration_facts", "measure_quantized", "E4M3_MAX", "fake_quantize_fp8", "fp8_scales", "insert_fp8_qdq", "layer_of", "sqnr_db"]
