@@ -270,9 +270,8 @@ def test_scm_set_timesteps_rejects_like_diffusers(kwargs, match):
     (SANA_DPM, "prediction_type", "epsilon"),
     (SANA_DPM, "algorithm_type", "sde-dpmsolver++"),
     (SANA_DPM, "algorithm_type", "dpmsolver"),
-    (SANA_DPM, "solver_type", "bh2"),
+    (SANA_DPM, "final_sigmas_type", "sigma_min"),  # non-flow DPM-Solver takes it; flow sigmas do not
     (SANA_DPM, "solver_order", 4),
-    (SANA_DPM, "final_sigmas_type", "sigma_min"),
     (SANA_DPM, "use_dynamic_shifting", True),
     (SANA_DPM, "timestep_spacing", "bogus"),
     (FLOW, "use_dynamic_shifting", True),
@@ -291,8 +290,8 @@ def test_unsupported_config_values_raise(cfg, key, value):
 
 
 def test_unknown_scheduler_class():
-    with pytest.raises(ValueError, match="EulerDiscreteScheduler.*supported.*DPMSolverMultistepScheduler"):
-        S.scheduler_from_config({"_class_name": "EulerDiscreteScheduler"})
+    with pytest.raises(ValueError, match="UniPCMultistepScheduler.*supported.*DPMSolverMultistepScheduler"):
+        S.scheduler_from_config({"_class_name": "UniPCMultistepScheduler"})
     with pytest.raises(ValueError, match="_class_name"):
         S.scheduler_from_config({})
 

@@ -1,25 +1,34 @@
-"""Numpy-only ports of the diffusers 0.42.1 samplers that Sana uses, reproducing them step for step.
+"""Numpy-only ports of the diffusers 0.42.1 samplers, reproducing them step for step.
 
-* ``DPMSolverMultistepScheduler`` with flow sigmas (Sana): DPM-Solver++ of order 1-3, midpoint or heun.
-* ``FlowMatchEulerDiscreteScheduler`` with a static ``shift``.
-* ``SCMScheduler`` (SANA-Sprint, TrigFlow): the caller passes the extra noise explicitly.
-* ``DDIMScheduler`` (ModelScope text-to-video): epsilon / sample / v_prediction, eta noise passed explicitly.
+* ``DPMSolverMultistepScheduler``: DPM-Solver++ of order 1-3, midpoint or heun, over flow sigmas (Sana) or VP
+  sigmas (epsilon / v_prediction / sample; SD, ModelScope, zero-SNR configs).
+* ``EulerDiscreteScheduler`` (deterministic), ``FlowMatchEulerDiscreteScheduler`` with a static ``shift``.
+* ``SCMScheduler`` (SANA-Sprint, TrigFlow), ``DDIMScheduler`` (eta >= 0, zero terminal SNR),
+  ``CogVideoXDDIMScheduler`` and ``CogVideoXDPMScheduler`` (SNR-shifted tables).
 
-Each is built from the content of ``scheduler_config.json`` by :func:`scheduler_from_config`. Config values
-these ports do not implement raise ``ValueError`` naming the key, the value and what is supported. Keys that
-have no effect on the supported path (e.g. ``beta_*`` under flow sigmas) are kept in ``config`` and ignored,
-as diffusers ignores them too. Per-element math is float32 as in diffusers (sigma tables are built in
-float64/float32 numpy exactly like diffusers); results are cast back to the model output's dtype.
-This module must import nothing but numpy: it runs in the embeddable runtime.
+One interface drives them all: ``timesteps``, ``init_noise_sigma``, ``scale_model_input(sample, t)``,
+``set_timesteps(n)``, ``step(model_output, t, sample, noise=None) -> prev_sample`` (the denoised estimate, where
+computed, in ``pred_original_sample``); samplers with ``needs_noise`` take fresh standard-normal ``noise``.
+Each is built from the content of ``scheduler_config.json`` by :func:`scheduler_from_config`; config values these
+ports do not implement raise ``SchedulerConfigError`` (a ``DiffkilnError`` and a ``ValueError``) naming the key,
+the value and what is supported (:func:`check_scheduler_config` checks without building). Keys that have no effect
+on the supported path are kept in ``config`` and ignored, as diffusers ignores them too. Per-element math is
+float32 as in diffusers; results are cast back to the model output's dtype.
+This module must import nothing but numpy (and diffkiln.errors): it runs in the embeddable runtime.
 """
-
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
 
+from diffkiln.errors import DiffkilnError
+
 F32 = np.float32
+
+
+class SchedulerConfigError(DiffkilnError, ValueError):
+    """A scheduler config these ports do not implement (a ``DiffkilnError``; a ``ValueError`` as in diffusers)."""
 
 
 def _f32(fn: Any, x: Any) -> np.float32:
@@ -52,6 +61,59 @@ def _scalar_timestep(timestep: Any) -> np.generic:
     return flat[0]
 
 
+def _torch_linspace_f64(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps, dtype=torch.float64)``: torch's two-sided CPU formula."""
+    if steps == 1:
+        return np.array([start], dtype=np.float64)
+    step = (end - start) / (steps - 1)
+    idx = np.arange(steps)
+    return np.where(idx < steps // 2, start + step * idx, end - step * (steps - 1 - idx))
+
+
+def _cumprod_f32(x: np.ndarray) -> np.ndarray:
+    """``torch.cumprod`` of a float32 vector on the CPU: accumulated in float64, rounded once per entry."""
+    return np.cumprod(x.astype(np.float64)).astype(np.float32)
+
+
+def _betas(c: dict, scaled_linear_dtype: type = np.float32) -> np.ndarray:
+    """diffusers' beta table for ``beta_schedule`` (or ``trained_betas``), in diffusers' dtype."""
+    T = c["num_train_timesteps"]
+    if c.get("trained_betas") is not None:
+        return np.asarray(c["trained_betas"], dtype=np.float64).astype(np.float32)
+    if c["beta_schedule"] == "linear":
+        return _torch_linspace_f32(c["beta_start"], c["beta_end"], T)
+    if c["beta_schedule"] == "scaled_linear":
+        if scaled_linear_dtype == np.float64:
+            return _torch_linspace_f64(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T) ** 2
+        root = _torch_linspace_f32(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T)
+        return (root * root).astype(np.float32)
+    # squaredcos_cap_v2: the cosine alpha-bar of improved DDPM, in float64, capped at 0.999
+    bar = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+    return np.array([min(1 - bar((i + 1) / T) / bar(i / T), 0.999) for i in range(T)]).astype(np.float32)
+
+
+def _rescale_zero_snr_betas(betas: np.ndarray) -> np.ndarray:
+    """diffusers' ``rescale_zero_terminal_snr(betas)`` (float32): sqrt(alpha-bar) shifted to end at 0, rescaled."""
+    root = np.sqrt(_cumprod_f32(F32(1.0) - betas))
+    r0, rT = root[0], root[-1]
+    root = (root - rT) * (r0 / (r0 - rT))
+    bar = root * root
+    alphas = np.concatenate([bar[:1], bar[1:] / bar[:-1]])
+    return (F32(1.0) - alphas).astype(np.float32)
+
+
+def _train_alphas_cumprod(c: dict) -> np.ndarray:
+    """The float32 ``alphas_cumprod`` of DDIM/Euler/DPM-Solver (betas optionally rescaled to zero terminal SNR)."""
+    betas = _betas(c)
+    if c.get("rescale_betas_zero_snr"):
+        betas = _rescale_zero_snr_betas(betas)
+    return _cumprod_f32(F32(1.0) - betas)
+
+
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+_SPACINGS = ("linspace", "leading", "trailing")
+
+
 class Scheduler:
     """Common shape of the samplers: config handling, step-index bookkeeping, validation."""
 
@@ -62,13 +124,8 @@ class Scheduler:
     _supported: dict[str, tuple] = {}
 
     def __init__(self, config: dict) -> None:
-        self.config: dict = {**self._defaults, **config, "_class_name": type(self).__name__}
-        for key, allowed in self._supported.items():
-            if self.config[key] not in allowed:
-                raise ValueError(
-                    f"{type(self).__name__}: config {key}={self.config[key]!r} is not supported; "
-                    f"supported values: {list(allowed)}"
-                )
+        self.config: dict = type(self).resolve_config(config)
+        type(self).validate(self.config)
         self.timesteps: np.ndarray = np.zeros(0, np.float32)
         self.sigmas: np.ndarray = np.zeros(0, np.float32)
         self.num_inference_steps: int | None = None
@@ -79,6 +136,33 @@ class Scheduler:
     def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray:
         """The denoiser's input for ``sample`` at ``timestep``: ``sample`` itself unless the sampler scales it."""
         return sample
+
+    @classmethod
+    def resolve_config(cls, config: dict) -> dict:
+        """The config diffusers' ``from_config`` registers: every given key (foreign ones too), this class's
+        defaults for its missing keys and for those the source marked ``_use_default_values``."""
+        used_defaults = set(config.get("_use_default_values", ()))
+        given = {k: v for k, v in config.items()
+                 if k != "_use_default_values" and not (k in used_defaults and k in cls._defaults)}
+        return cls._remap({**cls._defaults, **given, "_class_name": cls.__name__})
+
+    @classmethod
+    def _remap(cls, config: dict) -> dict:
+        """Values diffusers' ``__init__`` rewrites (``register_to_config``); none by default."""
+        return config
+
+    @classmethod
+    def validate(cls, config: dict) -> None:
+        """Raise ``SchedulerConfigError`` for a value of a resolved config that this port does not implement."""
+        for key, allowed in cls._supported.items():
+            if config[key] not in allowed:
+                cls._refuse(key, config[key], allowed)
+
+    @classmethod
+    def _refuse(cls, key: str, value: Any, allowed: Any, why: str = "") -> None:
+        raise SchedulerConfigError(
+            f"{cls.__name__}: config {key}={value!r} is not supported{why}; supported values: {list(allowed)}"
+        )
 
     @property
     def step_index(self) -> int | None:
@@ -156,29 +240,72 @@ class DPMSolverMultistepScheduler(Scheduler):
         "time_shift_type": "exponential",
     }
     # Under flow sigmas with final_sigmas_type="zero", timestep_spacing/steps_offset/beta_*/lambda_min_clipped/
-    # variance_type/euler_at_final do not change the result in diffusers either, so any valid value is accepted.
+    # euler_at_final do not change the result in diffusers either, so any valid value is accepted.
     _supported = {
-        "use_flow_sigmas": (True,), "prediction_type": ("flow_prediction",), "algorithm_type": ("dpmsolver++",),
-        "solver_order": (1, 2, 3), "solver_type": ("midpoint", "heun"), "final_sigmas_type": ("zero",),
-        "thresholding": (False,), "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,),
-        "use_beta_sigmas": (False,), "use_lu_lambdas": (False,), "use_dynamic_shifting": (False,),
-        "timestep_spacing": ("linspace", "leading", "trailing"),
+        "use_flow_sigmas": (True, False), "prediction_type": ("flow_prediction", "epsilon", "v_prediction", "sample"),
+        "algorithm_type": ("dpmsolver++",), "solver_order": (1, 2, 3), "solver_type": ("midpoint", "heun"),
+        "final_sigmas_type": ("zero", "sigma_min"), "thresholding": (False,), "use_karras_sigmas": (False,),
+        "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_lu_lambdas": (False,),
+        "use_dynamic_shifting": (False,), "timestep_spacing": _SPACINGS, "variance_type": (None,),
+        "beta_schedule": _BETA_SCHEDULES,
     }
+
+    @classmethod
+    def _remap(cls, config: dict) -> dict:
+        if config["solver_type"] in ("logrho", "bh1", "bh2"):  # diffusers maps the UniPC/DEIS solver names
+            config["solver_type"] = "midpoint"
+        if config["algorithm_type"] == "deis":
+            config["algorithm_type"] = "dpmsolver++"
+        return config
+
+    @classmethod
+    def validate(cls, config: dict) -> None:
+        super().validate(config)
+        flow = config["use_flow_sigmas"]
+        if flow != (config["prediction_type"] == "flow_prediction"):
+            if flow:
+                cls._refuse("prediction_type", config["prediction_type"], ("flow_prediction",),
+                            " with use_flow_sigmas=True")
+            cls._refuse("use_flow_sigmas", flow, (True,), " with prediction_type='flow_prediction'")
+        if flow and config["final_sigmas_type"] != "zero":
+            cls._refuse("final_sigmas_type", config["final_sigmas_type"], ("zero",), " with use_flow_sigmas=True")
 
     def __init__(self, config: dict) -> None:
         super().__init__(config)
         self._outputs: list[np.ndarray | None] = [None] * self.config["solver_order"]
         self._lower_order_nums = 0
+        c = self.config
+        self.alphas_cumprod = _train_alphas_cumprod(c)
+        if c["rescale_betas_zero_snr"]:
+            self.alphas_cumprod[-1] = F32(2.0**-24)
 
     def set_timesteps(self, num_inference_steps: int, **kwargs: Any) -> None:
-        """Flow sigmas ``shift*s/(1+(shift-1)*s)`` on a linear grid, int64 timesteps, and a final sigma of 0."""
+        """Flow sigmas ``shift*s/(1+(shift-1)*s)`` on a linear grid, or (non-flow) int64 timesteps by
+        ``timestep_spacing`` with their sigmas ``sqrt((1-a)/a)`` interpolated; then the final sigma."""
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        T, shift = self.config["num_train_timesteps"], self.config["flow_shift"]
-        sigmas = 1.0 - np.linspace(1, 1 / T, num_inference_steps + 1)
-        sigmas = np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
-        self.timesteps = (sigmas * T).astype(np.int64)
-        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        c = self.config
+        T, shift = c["num_train_timesteps"], c["flow_shift"]
+        if c["use_flow_sigmas"]:
+            sigmas = 1.0 - np.linspace(1, 1 / T, num_inference_steps + 1)
+            sigmas = np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
+            self.timesteps = (sigmas * T).astype(np.int64)
+            self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        else:
+            ac = self.alphas_cumprod
+            lambdas = np.log(np.sqrt(ac)) - np.log(np.sqrt(F32(1.0) - ac))
+            last = T - int(np.searchsorted(lambdas[::-1], c["lambda_min_clipped"]))
+            n = num_inference_steps
+            if c["timestep_spacing"] == "linspace":
+                ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+            elif c["timestep_spacing"] == "leading":
+                ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1].astype(np.int64) + c["steps_offset"]
+            else:
+                ts = np.arange(last, 0, -T / n).round().astype(np.int64) - 1
+            train = np.sqrt((F32(1.0) - ac) / ac)
+            last_sigma = train[0] if c["final_sigmas_type"] == "sigma_min" else 0.0
+            self.timesteps = ts.copy()
+            self.sigmas = np.concatenate([np.interp(ts, np.arange(T), train), [last_sigma]]).astype(np.float32)
         self._outputs = [None] * self.config["solver_order"]
         self._lower_order_nums = 0
         self._reset(len(self.timesteps))
@@ -188,18 +315,32 @@ class DPMSolverMultistepScheduler(Scheduler):
 
     def _alpha_sigma_lambda(self, index: int) -> tuple[np.float32, np.float32, np.float32]:
         sigma = self.sigmas[index]
-        alpha = F32(1.0) - sigma
+        if self.config["use_flow_sigmas"]:
+            alpha = F32(1.0) - sigma
+        else:  # sigma is the VP ratio sigma/alpha here
+            alpha = F32(1.0) / np.sqrt(sigma * sigma + F32(1.0))
+            sigma = sigma * alpha
         with np.errstate(divide="ignore"):  # sigma 0 at the end: lambda = +inf, as in torch
             return alpha, sigma, _f32(np.log, alpha) - _f32(np.log, sigma)
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         """One multistep update; returns ``prev_sample`` in ``model_output``'s dtype."""
         i = self._begin_step(timestep)
-        n, order = len(self.timesteps), self.config["solver_order"]
-        final = i == n - 1  # final_sigmas_type="zero" always ends with a first-order step
-        second = i == n - 2 and self.config["lower_order_final"] and n < 15
+        c = self.config
+        n, order = len(self.timesteps), c["solver_order"]
+        short = c["lower_order_final"] and n < 15
+        final = i == n - 1 and (c["euler_at_final"] or short or c["final_sigmas_type"] == "zero")
+        second = i == n - 2 and short
         sample32 = np.asarray(sample, dtype=np.float32)
-        x0 = sample32 - self.sigmas[i] * np.asarray(model_output, dtype=np.float32)  # flow_prediction -> data
+        out = np.asarray(model_output, dtype=np.float32)
+        kind = c["prediction_type"]
+        if kind == "flow_prediction":
+            x0 = sample32 - self.sigmas[i] * out
+        elif kind == "sample":
+            x0 = out
+        else:
+            alpha_s, sigma_s, _ = self._alpha_sigma_lambda(i)
+            x0 = (sample32 - sigma_s * out) / alpha_s if kind == "epsilon" else alpha_s * sample32 - sigma_s * out
         self._outputs = self._outputs[1:] + [x0]
         self.pred_original_sample = x0
         if order == 1 or self._lower_order_nums < 1 or final:
@@ -426,25 +567,14 @@ class DDIMScheduler(Scheduler):
         "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
         "prediction_type": ("epsilon", "sample", "v_prediction"),
         "timestep_spacing": ("leading", "trailing", "linspace"),
-        "thresholding": (False,), "rescale_betas_zero_snr": (False,),
+        "thresholding": (False,),
     }
 
     def __init__(self, config: dict) -> None:
         super().__init__(config)
         c = self.config
         T = c["num_train_timesteps"]
-        if c["trained_betas"] is not None:
-            betas = np.asarray(c["trained_betas"], dtype=np.float64).astype(np.float32)
-        elif c["beta_schedule"] == "linear":
-            betas = _torch_linspace_f32(c["beta_start"], c["beta_end"], T)
-        elif c["beta_schedule"] == "scaled_linear":
-            betas = _torch_linspace_f32(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T) ** 2
-        else:  # squaredcos_cap_v2: the cosine alpha-bar of improved DDPM, in float64, capped at 0.999
-            bar = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
-            betas = np.array([min(1 - bar((i + 1) / T) / bar(i / T), 0.999) for i in range(T)]).astype(np.float32)
-        self.betas = betas.astype(np.float32)
-        self.alphas = (F32(1.0) - self.betas).astype(np.float32)
-        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(np.float32)
+        self.alphas_cumprod = _train_alphas_cumprod(c)  # rescale_betas_zero_snr: alphas_cumprod[-1] is exactly 0
         self.final_alpha_cumprod = F32(1.0) if c["set_alpha_to_one"] else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
         self.timesteps = np.arange(T)[::-1].astype(np.int64)
@@ -522,15 +652,6 @@ class DDIMScheduler(Scheduler):
 _SCHEDULERS[DDIMScheduler.__name__] = DDIMScheduler
 
 
-def _torch_linspace_f64(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps, dtype=torch.float64)``: torch's two-sided CPU formula."""
-    if steps == 1:
-        return np.array([start], dtype=np.float64)
-    step = (end - start) / (steps - 1)
-    idx = np.arange(steps)
-    return np.where(idx < steps // 2, start + step * idx, end - step * (steps - 1 - idx))
-
-
 class CogVideoXDDIMScheduler(DDIMScheduler):
     """diffusers' CogVideoXDDIMScheduler: DDIM over an SNR-shifted schedule (CogVideoX).
 
@@ -557,19 +678,9 @@ class CogVideoXDDIMScheduler(DDIMScheduler):
         Scheduler.__init__(self, config)
         c = self.config
         T = c["num_train_timesteps"]
-        if c["trained_betas"] is not None:
-            betas = np.asarray(c["trained_betas"], dtype=np.float64).astype(np.float32)
-        elif c["beta_schedule"] == "linear":
-            betas = _torch_linspace_f32(c["beta_start"], c["beta_end"], T)
-        elif c["beta_schedule"] == "scaled_linear":  # float64 here, unlike DDIMScheduler
-            betas = _torch_linspace_f64(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T) ** 2
-        else:
-            bar = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
-            betas = np.array([min(1 - bar((i + 1) / T) / bar(i / T), 0.999) for i in range(T)]).astype(np.float32)
+        betas = _betas(c, scaled_linear_dtype=np.float64)  # float64 for "scaled_linear", unlike DDIMScheduler
         dt = betas.dtype.type
-        self.betas = betas
-        self.alphas = dt(1.0) - betas
-        ac = np.cumprod(self.alphas.astype(np.float64)).astype(betas.dtype)
+        ac = np.cumprod((dt(1.0) - betas).astype(np.float64)).astype(betas.dtype)
         snr = c["snr_shift_scale"]
         ac = ac / (dt(snr) + dt(1 - snr) * ac)
         if c["rescale_betas_zero_snr"]:
@@ -585,6 +696,15 @@ class CogVideoXDDIMScheduler(DDIMScheduler):
 
     needs_noise = False  # diffusers ignores eta here
 
+    def _x0(self, a: Any, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The denoised estimate at the table value ``a`` (coefficients rounded to float32 as torch does)."""
+        kind = self.config["prediction_type"]
+        if kind == "epsilon":
+            return (x - F32(np.sqrt(a.dtype.type(1.0) - a)) * out) / F32(np.sqrt(a))
+        if kind == "sample":
+            return out
+        return F32(np.sqrt(a)) * x - F32(np.sqrt(a.dtype.type(1.0) - a)) * out  # v_prediction
+
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,  # type: ignore[override]
              noise: np.ndarray | None = None) -> np.ndarray:
         """One update from ``timestep`` to ``timestep - T // n``; returns ``prev_sample`` (``x0`` is kept in
@@ -596,14 +716,7 @@ class CogVideoXDDIMScheduler(DDIMScheduler):
         one = a.dtype.type(1.0)
         b = one - a
         x = np.asarray(sample, dtype=np.float32)
-        out = np.asarray(model_output, dtype=np.float32)
-        kind = self.config["prediction_type"]
-        if kind == "epsilon":
-            x0 = (x - F32(np.sqrt(b)) * out) / F32(np.sqrt(a))
-        elif kind == "sample":
-            x0 = out
-        else:  # v_prediction
-            x0 = F32(np.sqrt(a)) * x - F32(np.sqrt(b)) * out
+        x0 = self._x0(a, x, np.asarray(model_output, dtype=np.float32))
         coef_x = np.sqrt((one - a_prev) / (one - a))
         coef_x0 = np.sqrt(a_prev) - np.sqrt(a) * coef_x
         self.pred_original_sample = x0
@@ -612,6 +725,161 @@ class CogVideoXDDIMScheduler(DDIMScheduler):
 
 
 _SCHEDULERS[CogVideoXDDIMScheduler.__name__] = CogVideoXDDIMScheduler
+
+
+def _fn(fn: Any, x: Any) -> Any:
+    """``fn`` of a float32/float64 scalar in its own dtype (float32 via one rounding of the float64 value)."""
+    return type(x)(fn(np.float64(x)))
+
+
+class CogVideoXDPMScheduler(CogVideoXDDIMScheduler):
+    """diffusers' CogVideoXDPMScheduler as CogVideoXPipeline drives it: SDE DPM-Solver++(2M) over the
+    SNR-shifted table of ``CogVideoXDDIMScheduler``.
+
+    diffusers' ``step(model_output, old_pred_original_sample, timestep, timestep_back, sample)`` gets the
+    previous step's ``x0`` and timestep from the pipeline; here they are kept between calls (reset by
+    ``set_timesteps``), so ``step(model_output, t, sample, noise)`` is the pipeline's call. Each step adds
+    standard-normal ``noise``. (diffusers draws one noise tensor per first-order step and two per second-order
+    step, using only the second; ``noise`` is the one used.)
+    """
+
+    needs_noise = True
+
+    def set_timesteps(self, num_inference_steps: int, **kwargs: Any) -> None:
+        super().set_timesteps(num_inference_steps)
+        self._old_x0: np.ndarray | None = None
+        self._last_t: int | None = None
+
+    def _lambda(self, a: Any) -> Any:
+        return _fn(np.log, np.sqrt(a / (a.dtype.type(1.0) - a)))
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,  # type: ignore[override]
+             noise: np.ndarray | None = None) -> np.ndarray:
+        """One step from ``timestep``; returns ``prev_sample`` (``x0`` kept in ``pred_original_sample``)."""
+        t, prev_t = self._step_timesteps(timestep)
+        ac = self.alphas_cumprod
+        a = ac[t]
+        a_prev = np.result_type(a, self._alpha_prod(prev_t)).type(self._alpha_prod(prev_t))
+        a = a_prev.dtype.type(a)
+        one = a.dtype.type(1.0)
+        x = np.asarray(sample, dtype=np.float32)
+        out = np.asarray(model_output, dtype=np.float32)
+        x0 = self._x0(a, x, out)
+        with np.errstate(divide="ignore"):  # a_prev = 1 at the end: lambda_next = +inf, as in torch
+            lamb, lamb_next = self._lambda(a), self._lambda(a_prev)
+        h = lamb_next - lamb
+        mult1 = np.sqrt((one - a_prev) / (one - a)) * _fn(np.exp, -h)
+        mult2 = _fn(np.expm1, a.dtype.type(-2) * h) * np.sqrt(a_prev)
+        mult_noise = np.sqrt(one - a_prev) * np.sqrt(one - _fn(np.exp, a.dtype.type(-2) * h))
+        d = x0
+        if self._old_x0 is not None and self._last_t is not None and prev_t >= 0:
+            r = (lamb - self._lambda(a.dtype.type(ac[self._last_t]))) / h
+            mult3, mult4 = one + one / (2 * r), one / (2 * r)
+            d = F32(mult3) * x0 - F32(mult4) * self._old_x0
+        prev = F32(mult1) * x - F32(mult2) * d
+        if noise is None:
+            if F32(mult_noise) != 0:
+                raise ValueError("CogVideoXDPMScheduler.step: `noise` is required (standard normal, the sample's shape)")
+        else:
+            noise = np.asarray(noise, dtype=np.float32)
+            if noise.shape != x.shape:
+                raise ValueError(f"noise shape {noise.shape} does not match sample shape {x.shape}")
+            prev = prev + F32(mult_noise) * noise
+        self._old_x0, self._last_t = x0, t
+        self.pred_original_sample = x0
+        return prev.astype(np.asarray(model_output).dtype, copy=False)
+
+
+_SCHEDULERS[CogVideoXDPMScheduler.__name__] = CogVideoXDPMScheduler
+
+
+class EulerDiscreteScheduler(Scheduler):
+    """diffusers' EulerDiscreteScheduler (deterministic, ``s_churn=0``): Euler steps over the VP sigmas
+    ``sqrt((1-a)/a)`` interpolated at the timesteps; the model input is ``sample / sqrt(sigma^2 + 1)``."""
+
+    _defaults = {
+        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "trained_betas": None, "prediction_type": "epsilon", "interpolation_type": "linear",
+        "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+        "sigma_min": None, "sigma_max": None, "timestep_spacing": "linspace", "timestep_type": "discrete",
+        "steps_offset": 0, "rescale_betas_zero_snr": False, "final_sigmas_type": "zero",
+    }
+    # sigma_min/sigma_max only matter for the Karras/exponential/beta sigmas, which are refused.
+    _supported = {
+        "beta_schedule": _BETA_SCHEDULES, "prediction_type": ("epsilon", "v_prediction", "sample"),
+        "interpolation_type": ("linear",), "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,), "timestep_spacing": _SPACINGS, "timestep_type": ("discrete",),
+        "final_sigmas_type": ("zero", "sigma_min"),
+    }
+
+    def __init__(self, config: dict) -> None:
+        super().__init__(config)
+        c = self.config
+        T = c["num_train_timesteps"]
+        self.alphas_cumprod = _train_alphas_cumprod(c)
+        if c["rescale_betas_zero_snr"]:
+            self.alphas_cumprod[-1] = F32(2.0**-24)
+        ac = self.alphas_cumprod
+        self._train_sigmas = np.sqrt((F32(1.0) - ac) / ac)
+        self.sigmas = np.concatenate([self._train_sigmas[::-1], np.zeros(1, np.float32)])
+        self.timesteps = np.linspace(0, T - 1, T, dtype=np.float64)[::-1].astype(np.float32)
+
+    @property
+    def init_noise_sigma(self) -> float:  # type: ignore[override]
+        top = self.sigmas.max()
+        return float(top if self.config["timestep_spacing"] in ("linspace", "trailing") else np.sqrt(top * top + F32(1)))
+
+    def set_timesteps(self, num_inference_steps: int | None = None, timesteps: Any = None, **kwargs: Any) -> None:
+        """float32 timesteps by ``timestep_spacing`` (or custom ``timesteps``), sigmas interpolated linearly."""
+        c = self.config
+        T = c["num_train_timesteps"]
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        if timesteps is not None:
+            ts = np.array(timesteps).astype(np.float32)
+            num_inference_steps = len(ts)
+        elif num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        elif c["timestep_spacing"] == "linspace":
+            ts = np.linspace(0, T - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
+        elif c["timestep_spacing"] == "leading":
+            ratio = T // num_inference_steps
+            ts = (np.arange(0, num_inference_steps) * ratio).round()[::-1].astype(np.float32) + F32(c["steps_offset"])
+        else:
+            ts = np.arange(T, 0, -T / num_inference_steps).round().astype(np.float32) - F32(1)
+        last = self._train_sigmas[0] if c["final_sigmas_type"] == "sigma_min" else 0.0
+        sigmas = np.interp(ts, np.arange(T), self._train_sigmas)
+        self.sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        self.timesteps = ts.astype(np.float32)
+        self._reset(num_inference_steps)
+
+    def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray:
+        """``sample / sqrt(sigma^2 + 1)`` at this step (starts the step count as diffusers does)."""
+        sigma = self.sigmas[self._begin_step(timestep)]
+        return np.asarray(sample) / np.sqrt(sigma * sigma + F32(1.0))
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """``sample + (sample - x0) / sigma * (sigma_next - sigma)``; returns ``prev_sample``."""
+        if isinstance(timestep, (int, np.integer)) or np.issubdtype(np.asarray(timestep).dtype, np.integer):
+            raise ValueError("EulerDiscreteScheduler.step() takes a value of `scheduler.timesteps`, not an integer index")
+        i = self._begin_step(timestep)
+        sigma = self.sigmas[i]
+        x = np.asarray(sample, dtype=np.float32)
+        out = np.asarray(model_output, dtype=np.float32)
+        kind = self.config["prediction_type"]
+        if kind == "epsilon":
+            x0 = x - sigma * out
+        elif kind == "v_prediction":
+            x0 = out * (-sigma / np.sqrt(sigma * sigma + F32(1.0))) + x / (sigma * sigma + F32(1.0))
+        else:
+            x0 = out
+        prev = x + ((x - x0) / sigma) * (self.sigmas[i + 1] - sigma)
+        self.pred_original_sample = x0
+        self._step_index = i + 1
+        return prev.astype(np.asarray(model_output).dtype, copy=False)
+
+
+_SCHEDULERS[EulerDiscreteScheduler.__name__] = EulerDiscreteScheduler
 
 
 def scheduler_from_config(config: dict) -> Scheduler:
