@@ -1,8 +1,9 @@
 """`diffkiln quality`: how far one engine set's images are from another's on held-out prompts (same seeds).
 
 Typical use: an FP8 set against the 32/16-bit set it was quantized from, in the same engine directory.
-Writes quality.json (per-prompt max abs error and PSNR, their mean/min) and a grid PNG (reference
-row above, candidate row below).
+Works for every family: images are compared as images, videos frame by frame (PSNR over all frames of a
+video, SSIM averaged over its frames). Writes quality.json (per-prompt max abs error, PSNR and SSIM, their
+mean/min) and a grid PNG (reference row above, candidate row below; a video's middle frame).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ def psnr(ref: np.ndarray, out: np.ndarray) -> float | None:
 
 
 def ssim(ref: np.ndarray, out: np.ndarray, window: int = 7) -> float:
-    """Mean structural similarity of two [H, W, 3] images in [0, 1] (uniform window, per channel, as in Wang et al.)."""
+    """Mean structural similarity of two [H, W, 3] images in [0, 1] (uniform window, per channel, as in Wang et al.);
+    of two [F, H, W, 3] videos, the mean over their frames."""
     from numpy.lib.stride_tricks import sliding_window_view
+
+    if ref.ndim == 4:
+        return float(np.mean([ssim(a, b, window) for a, b in zip(ref, out)]))
 
     c1, c2 = 0.01**2, 0.03**2
     scores = []
@@ -40,24 +45,26 @@ def ssim(ref: np.ndarray, out: np.ndarray, window: int = 7) -> float:
 
 def compare_engine_sets(root: str | Path, candidate: str, reference: str, prompts: list[str], out: str | Path,
                         steps: int | None = None, seed: int = 0, backend: str = "onnxruntime") -> dict:
+    from diffkiln.runtime import load_pipeline
     from diffkiln.runtime.image import grid, save_png, to_pil
-    from diffkiln.runtime.pipeline import Pipeline
 
-    ref_pipe = Pipeline.from_engines(root, backend=backend, precision=reference)
-    cand_pipe = Pipeline.from_engines(root, backend=backend, precision=candidate, verify=False)
+    ref_pipe = load_pipeline(root, backend=backend, precision=reference)
+    cand_pipe = load_pipeline(root, backend=backend, precision=candidate, verify=False)
     rows, refs, cands = [], [], []
     start = time.perf_counter()
     for i, prompt in enumerate(progress(prompts, desc="quality")):
         call = dict(prompt=prompt, num_inference_steps=steps, seed=seed + i, output_type="np")
-        a, b = ref_pipe(**call).images[0], cand_pipe(**call).images[0]
+        a, b = first_output(ref_pipe(**call)), first_output(cand_pipe(**call))
         refs.append(a)
         cands.append(b)
         rows.append({"prompt": prompt, "seed": seed + i, "max_abs": float(np.abs(a - b).max()), "psnr_db": psnr(a, b),
-                     "ssim": ssim(a, b)})
-    accuracy = prompt_accuracy(prompts, refs, cands)
+                     "ssim": ssim(a, b), **({"frames": a.shape[0]} if a.ndim == 4 else {})})
+    video = refs[0].ndim == 4
+    accuracy = None if video else prompt_accuracy(prompts, refs, cands)
     finite = [r["psnr_db"] for r in rows if r["psnr_db"] is not None]
     report = {
         "engines": str(root), "backend": backend, "candidate": candidate, "reference": reference,
+        "kind": "video" if video else "image",
         "prompts": len(prompts), "steps": steps, "seconds": round(time.perf_counter() - start, 2),
         "mean_psnr_db": float(np.mean(finite)) if finite else None, "min_psnr_db": min(finite) if finite else None,
         "max_abs": max(r["max_abs"] for r in rows), "mean_ssim": float(np.mean([r["ssim"] for r in rows])),
@@ -68,9 +75,15 @@ def compare_engine_sets(root: str | Path, candidate: str, reference: str, prompt
     atomic_write_json(out / "quality.json", report)
     atomic_write_bytes(out / "quality.md", markdown(report).encode())
     record_in_manifest(root, backend, candidate, {k: v for k, v in report.items() if k != "images"})
-    save_png(grid(to_pil(np.stack(refs + cands)), cols=len(refs)), out / "quality.png")
+    shown = [x[len(x) // 2] if video else x for x in refs + cands]  # a video's middle frame
+    save_png(grid(to_pil(np.stack(shown)), cols=len(refs)), out / "quality.png")
     log(f"{candidate} vs {reference}: mean PSNR {report['mean_psnr_db']} dB over {len(prompts)} held-out prompts")
     return report
+
+
+def first_output(out) -> np.ndarray:
+    """The first image [H, W, 3] or video [F, H, W, 3] of a runtime pipeline's output, float in [0, 1]."""
+    return np.asarray(out.frames[0] if hasattr(out, "frames") else out.images[0], np.float32)
 
 
 def prompt_accuracy(prompts: list[str], refs: list, cands: list) -> dict | None:
@@ -90,7 +103,8 @@ def prompt_accuracy(prompts: list[str], refs: list, cands: list) -> dict | None:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# {report['candidate']} vs {report['reference']} ({report['backend']}), {report['prompts']} held-out prompts",
+    lines = [f"# {report['candidate']} vs {report['reference']} ({report['backend']}), {report['prompts']} held-out prompts"
+             + (", videos compared frame by frame" if report.get("kind") == "video" else ""),
              "", f"mean PSNR {report['mean_psnr_db']:.2f} dB (min {report['min_psnr_db']:.2f}), mean SSIM "
              f"{report['mean_ssim']:.4f} (min {report['min_ssim']:.4f}), max abs {report['max_abs']:.3g}"
              + accuracy_line(report.get("prompt_accuracy")), "",
