@@ -139,11 +139,10 @@ class Scheduler:
 
     @classmethod
     def resolve_config(cls, config: dict) -> dict:
-        """The config diffusers' ``from_config`` registers: every given key (foreign ones too), this class's
-        defaults for its missing keys and for those the source marked ``_use_default_values``."""
+        """The config diffusers' ``from_config`` registers: every given key (foreign ones too) except those the
+        source marked ``_use_default_values``, and this class's defaults for its missing keys."""
         used_defaults = set(config.get("_use_default_values", ()))
-        given = {k: v for k, v in config.items()
-                 if k != "_use_default_values" and not (k in used_defaults and k in cls._defaults)}
+        given = {k: v for k, v in config.items() if k != "_use_default_values" and k not in used_defaults}
         return cls._remap({**cls._defaults, **given, "_class_name": cls.__name__})
 
     @classmethod
@@ -882,9 +881,29 @@ class EulerDiscreteScheduler(Scheduler):
 _SCHEDULERS[EulerDiscreteScheduler.__name__] = EulerDiscreteScheduler
 
 
+SCHEDULER_NAMES: tuple[str, ...] = tuple(sorted(_SCHEDULERS))
+
+
+def _scheduler_class(name: Any, what: str) -> type[Scheduler]:
+    if name not in _SCHEDULERS:
+        raise SchedulerConfigError(f"{what}={name!r} is not supported; supported: {list(SCHEDULER_NAMES)}")
+    return _SCHEDULERS[name]
+
+
+def check_scheduler_config(config: dict) -> None:
+    """Raise ``SchedulerConfigError`` (a ``DiffkilnError``) naming the class, key and value, and the supported
+    values, if ``scheduler_from_config(config)`` would refuse ``config``; builds no tables."""
+    cls = _scheduler_class(config.get("_class_name"), "scheduler config _class_name")
+    cls.validate(cls.resolve_config(config))
+
+
+def swap_scheduler(config: dict, name: str) -> dict:
+    """The config ``getattr(diffusers, name).from_config(config)`` registers: ``config``'s keys (all of them, as
+    diffusers keeps them), ``name``'s defaults for the rest, ``_class_name = name``. Not checked: see
+    :func:`check_scheduler_config` (e.g. a flow config swapped to a VP sampler is refused there)."""
+    return _scheduler_class(name, "scheduler").resolve_config(config)
+
+
 def scheduler_from_config(config: dict) -> Scheduler:
     """Build the sampler named by ``config["_class_name"]`` (a diffusers ``scheduler_config.json`` dict)."""
-    name = config.get("_class_name")
-    if name not in _SCHEDULERS:
-        raise ValueError(f"scheduler config _class_name={name!r} is not supported; supported: {sorted(_SCHEDULERS)}")
-    return _SCHEDULERS[name](config)
+    return _scheduler_class(config.get("_class_name"), "scheduler config _class_name")(config)
