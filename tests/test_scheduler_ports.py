@@ -11,12 +11,11 @@ ATOL = 1e-6, RTOL = 5e-6 (tens of float32 ulps; measured max 1.8e-6 for CogVideo
 <= 1e-6 elsewhere; printed by `-s`, test_report_max_errors). A wrong formula, index or table shows up as >= 1e-3.
 """
 
+import diffusers
+import diffusers.schedulers.scheduling_dpm_cogvideox as diffusers_cogdpm
 import numpy as np
 import pytest
 import torch
-import diffusers
-import diffusers.schedulers.scheduling_dpm_cogvideox as diffusers_cogdpm
-
 from test_schedulers import S
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

@@ -10,13 +10,13 @@ import itertools
 import logging
 import re
 
+import diffusers
 import numpy as np
 import pytest
-import diffusers
+from test_scheduler_ports import COGVIDEOX, MODELSCOPE, SD15
+from test_schedulers import FLOW, SANA_DPM, SCM, S
 
 from diffkiln.errors import DiffkilnError
-from test_schedulers import S, SANA_DPM, FLOW, SCM
-from test_scheduler_ports import SD15, MODELSCOPE, COGVIDEOX
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 

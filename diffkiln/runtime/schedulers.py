@@ -88,7 +88,7 @@ def _betas(c: dict, scaled_linear_dtype: type = np.float32) -> np.ndarray:
         root = _torch_linspace_f32(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T)
         return (root * root).astype(np.float32)
     # squaredcos_cap_v2: the cosine alpha-bar of improved DDPM, in float64, capped at 0.999
-    bar = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+    bar = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
     return np.array([min(1 - bar((i + 1) / T) / bar(i / T), 0.999) for i in range(T)]).astype(np.float32)
 
 
@@ -713,7 +713,6 @@ class CogVideoXDDIMScheduler(DDIMScheduler):
         a, a_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t)
         a_prev = np.result_type(a, a_prev).type(a_prev)
         one = a.dtype.type(1.0)
-        b = one - a
         x = np.asarray(sample, dtype=np.float32)
         x0 = self._x0(a, x, np.asarray(model_output, dtype=np.float32))
         coef_x = np.sqrt((one - a_prev) / (one - a))
