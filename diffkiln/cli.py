@@ -21,11 +21,23 @@ def cmd_presets(args) -> None:
             print(f"{row['name']:<24} {row['family']:<17} {sizes}; {row['description']}")
 
 
-def cmd_export(args) -> None:
-    from diffkiln.export.pipeline import export_pipeline
-    from diffkiln.models.registry import load_model
+def _ranges(args) -> dict:
+    """The shape ranges given on the command line (only those given), for models.registry.load_model."""
+    return {k: getattr(args, k) for k in ("min_size", "max_size", "max_batch", "min_frames", "max_frames")
+            if getattr(args, k) is not None}
 
-    model = load_model(args.model, args.submodels, dtype=args.dtype or "float32")
+
+def _backends() -> list[str]:
+    from diffkiln.engines.registry import backend_names
+
+    return list(backend_names())
+
+
+def cmd_export(args) -> None:
+    from diffkiln.engines.build import load_source_model
+    from diffkiln.export.pipeline import export_pipeline
+
+    model = load_source_model(args.model, args.submodels, args.dtype or "float32", _ranges(args))
     export_pipeline(model, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     _print_summary(args.out)
@@ -33,51 +45,63 @@ def cmd_export(args) -> None:
 
 def cmd_build(args) -> None:
     from diffkiln.engines.build import build
+    from diffkiln.engines.registry import backend_names, get_backend
 
-    trt = None
-    if args.backend == "tensorrt":
-        from diffkiln.engines.tensorrt_build import TensorRTBuildConfig
-
-        if not args.sku:
-            raise DiffkilnError("--backend tensorrt needs --sku (e.g. --sku sm86,sm89,sm120)")
-        trt = TensorRTBuildConfig(
-            skus=args.sku, precision=args.precision or "fp16", mode="static" if args.static else "dynamic",
-            static_height=args.static_height, static_width=args.static_width, static_batch=args.static_batch,
-            optimization_level=args.opt_level, workspace_gib=args.workspace_gib, jobs=args.jobs,
-            cache_dir=args.cache_dir, use_cache=not args.no_cache, calibration=args.calibration,
-            refittable=args.refittable)
-    elif args.sku:
-        raise DiffkilnError("--sku applies to --backend tensorrt")
-    aoti = None
-    if args.backend == "aoti":
-        from diffkiln.engines.aoti import AotiBuildConfig
-
-        aoti = AotiBuildConfig(device=args.device, precision=args.precision or "fp32", max_autotune=args.max_autotune,
-                               fused_linear_attention=args.fused_linear_attention)
-    build(args.model, args.out, backend=args.backend, submodels=args.submodels, dtype=args.dtype,
-          overwrite=args.overwrite, tensorrt=trt, aoti=aoti, precision=args.precision if args.backend == "onnxruntime" else None,
-          calibration=args.calibration, plan=args.plan)
+    kind = get_backend(args.backend)
+    if args.sku and "sku" not in kind.config_options:
+        owners = [n for n in backend_names() if "sku" in get_backend(n).config_options]
+        raise DiffkilnError(f"--sku applies to --backend {' / '.join(owners)}")
+    config = kind.config({
+        "dtype": args.dtype, "precision": args.precision, "calibration": args.calibration,
+        "device": args.device, "max_autotune": args.max_autotune, "fused_linear_attention": args.fused_linear_attention,
+        "sku": args.sku, "mode": "static" if args.static else "dynamic", "static_height": args.static_height,
+        "static_width": args.static_width, "static_batch": args.static_batch, "optimization_level": args.opt_level,
+        "workspace_gib": args.workspace_gib, "jobs": args.jobs, "cache_dir": args.cache_dir,
+        "use_cache": not args.no_cache, "refittable": args.refittable,
+    })
+    build(args.model, args.out, config=config, submodels=args.submodels, overwrite=args.overwrite, plan=args.plan,
+          ranges=_ranges(args))
     print(f"wrote {args.out}")
     _print_summary(args.out)
 
 
-def cmd_generate(args) -> None:
-    from diffkiln.runtime.image import grid, save_png
-    from diffkiln.runtime.pipeline import Pipeline
+def _engine_choice(args) -> tuple[str | None, dict]:
+    """(backend, engine options) for generate: an option only one backend takes (--providers: ONNX Runtime,
+    --cuda-graph: TensorRT) implies that backend; with another --backend it is refused."""
+    from diffkiln.engines.registry import backend_names, get_backend
 
-    options = {"providers": args.providers} if args.providers else {}
-    if args.cuda_graph:
-        if args.backend != "tensorrt":
-            raise DiffkilnError("--cuda-graph applies to --backend tensorrt")
-        options["cuda_graph"] = True
+    backend, options = args.backend, {}
+    for flag, key, value in (("--providers", "providers", args.providers), ("--cuda-graph", "cuda_graph", args.cuda_graph)):
+        if not value:
+            continue
+        owners = [n for n in backend_names() if key in get_backend(n).engine_options]
+        if backend is None and len(owners) == 1:
+            backend = owners[0]
+        elif backend not in owners:
+            raise DiffkilnError(f"{flag} applies to --backend {' / '.join(owners)}")
+        options[key] = value
+    return backend, options
+
+
+def cmd_generate(args) -> None:
+    from diffkiln.runtime import load_pipeline
+    from diffkiln.runtime.image import grid, save_png
     from diffkiln.runtime.video import is_video
 
-    if is_video(args.engines):
-        return _generate_video(args, options)
-    if args.frames or args.lora:
+    backend, options = _engine_choice(args)
+    video = is_video(args.engines)
+    if not video and (args.frames or args.lora):
         raise DiffkilnError(f"--frames / --lora: {args.engines} holds an image model")
-    pipe = Pipeline.from_engines(args.engines, backend=args.backend, target=args.target, precision=args.precision,
-                                 verify=not args.no_verify, **options)
+    if args.scheduler is not None:
+        from diffkiln.runtime.schedulers import SCHEDULER_NAMES
+
+        if args.scheduler not in SCHEDULER_NAMES:
+            raise DiffkilnError(f"--scheduler {args.scheduler!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
+        options["scheduler"] = args.scheduler
+    pipe = load_pipeline(args.engines, backend=backend, target=args.target, precision=args.precision,
+                         verify=not args.no_verify, **options)
+    if video:
+        return _generate_video(args, pipe)
     out = pipe(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -95,14 +119,11 @@ def cmd_generate(args) -> None:
           f"{len(t['transformer'])} transformer calls {sum(t['transformer']):.2f}s, VAE decode {sum(t['vae_decoder']):.2f}s)")
 
 
-def _generate_video(args, options) -> None:
+def _generate_video(args, pipe) -> None:
     from pathlib import Path
 
-    from diffkiln.runtime.video import load_video_pipeline
     from diffkiln.runtime.video_io import save_frame_grid, write_mp4
 
-    pipe = load_video_pipeline(args.engines, backend=args.backend, target=args.target, precision=args.precision,
-                               verify=not args.no_verify, **options)
     if args.lora:
         applied = pipe.set_lora(args.lora, args.lora_spatial_scale, args.lora_temporal_scale)
         print(f"LoRA {', '.join(args.lora)} applied to {applied['lora']['weights_replaced']} weights in {applied['seconds']:.2f}s")
@@ -223,6 +244,7 @@ def cmd_demo(args) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffkiln", description="Ahead-of-time compiled deployment of diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
+    backends = _backends()
 
     sp = sub.add_parser("presets", help="list built-in model presets and their sizes")
     sp.set_defaults(fn=cmd_presets)
@@ -235,13 +257,19 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weights dtype of the export (default float32; TensorRT builds take it from --precision)")
         sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+        g = sp.add_argument_group("shapes", "the shapes the engines take (default: the model folder's own ranges)")
+        g.add_argument("--min-size", type=int, metavar="PX", help="smallest image side in pixels")
+        g.add_argument("--max-size", type=int, metavar="PX", help="largest image side in pixels")
+        g.add_argument("--max-batch", type=int, metavar="N", help="most images (videos) per call")
+        g.add_argument("--min-frames", type=int, metavar="N", help="video models: fewest frames")
+        g.add_argument("--max-frames", type=int, metavar="N", help="video models: most frames")
 
     sp = sub.add_parser("export", help="export each submodel to ONNX and check it against eager PyTorch")
     model_args(sp)
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("build", help="build engines from a preset, a diffusers folder or an export directory")
-    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
+    sp.add_argument("--backend", default="onnxruntime", choices=backends)
     model_args(sp)
     sp.add_argument("--precision", choices=["fp32", "fp16", "bf16", "fp8", "nvfp4"],
                     help="engine precision: tensorrt (default fp16), aoti (default fp32), onnxruntime (fp8/nvfp4; else --dtype)")
@@ -284,9 +312,12 @@ def parser() -> argparse.ArgumentParser:
                     help="video models: LoRA safetensors (diffusers/PEFT layout) applied to the built engines; repeatable")
     sp.add_argument("--lora-spatial-scale", type=float, default=1.0, help="scale of the LoRA's spatial layers")
     sp.add_argument("--lora-temporal-scale", type=float, default=1.0, help="scale of the LoRA's temporal (motion) layers")
-    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
+    sp.add_argument("--backend", default=None, choices=backends,
+                    help="engine set backend (default: the only set in the directory, else the best this machine runs: "
+                         "TensorRT for this GPU, AOTInductor for this device, ONNX Runtime)")
     sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU; aoti: cpu|cuda)")
     sp.add_argument("--precision", help="engine set precision, when the directory holds several")
+    sp.add_argument("--scheduler", help="replace the model's scheduler (names: diffkiln.runtime.schedulers.SCHEDULER_NAMES)")
     sp.add_argument("--cuda-graph", action="store_true", help="TensorRT: capture each shape into a CUDA graph")
     sp.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers in priority order "
                     "(default CPUExecutionProvider; e.g. CUDAExecutionProvider CPUExecutionProvider with onnxruntime-gpu)")
@@ -296,7 +327,7 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("verify", help="measure an engine set's parity vs eager PyTorch here and record it in the manifest")
     sp.add_argument("engines", help="engine directory")
-    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
+    sp.add_argument("--backend", default="onnxruntime", choices=backends)
     sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU; aoti: cpu|cuda)")
     sp.add_argument("--precision", help="engine set precision, when the directory holds several")
     sp.set_defaults(fn=cmd_verify)
@@ -336,7 +367,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("engines", help="engine directory")
     sp.add_argument("--precision", default="fp8", help="the candidate engine set's precision")
     sp.add_argument("--reference", default="fp32", help="the reference engine set's precision")
-    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "aoti"])
+    sp.add_argument("--backend", default="onnxruntime", choices=backends)
     sp.add_argument("--prompts", default="builtin", help="prompt set ('builtin', 'shapes', a .txt or .jsonl); its held-out part is used")
     sp.add_argument("--num-prompts", type=int, default=16)
     sp.add_argument("--steps", type=int)

@@ -9,7 +9,6 @@ Every engine call returns host arrays, so wall-clock timing includes GPU synchro
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ PROMPT = "a small red circle on the left, blue background"
 def build_engines(case: Case, root: Path) -> dict:
     """Build the case's engine set (once per engine key) and return its build facts."""
     from diffkiln.engines.build import build
+    from diffkiln.engines.registry import get_backend
     from diffkiln.manifest import read_manifest
 
     out = root / case.engine_key
@@ -36,23 +36,9 @@ def build_engines(case: Case, root: Path) -> dict:
         m = read_manifest(out, verify=False)
         facts = json.loads((out / "bench-build.json").read_text())
         return {**facts, "reused": True, "manifest": m}
-    kw = {}
-    if case.backend == "aoti":
-        from diffkiln.engines.aoti import AotiBuildConfig
-
-        kw["aoti"] = AotiBuildConfig(device=case.device, precision=case.precision)
-    elif case.backend == "tensorrt":
-        from diffkiln.engines.tensorrt import detect_gpu
-        from diffkiln.engines.tensorrt_build import TensorRTBuildConfig
-
-        gpu = detect_gpu()
-        if gpu is None:
-            raise DiffkilnError("tensorrt cases need a GPU to run on; none here")
-        kw["tensorrt"] = TensorRTBuildConfig([gpu.sku], case.precision)
-    else:
-        kw["dtype"] = DTYPES[case.precision]
+    config = get_backend(case.backend).config_here(case.device, case.precision)  # engines for this machine
     start = time.perf_counter()
-    m = build(case.preset, out, backend=case.backend, overwrite=True, **kw)
+    m = build(case.preset, out, config=config, overwrite=True)
     seconds = time.perf_counter() - start
     entry = next(e for e in m.engines if e.backend == case.backend)
     size = sum(m.files[f]["bytes"] for files in entry.files.values() for f in files)
@@ -89,17 +75,15 @@ def quality(ref: np.ndarray, out: np.ndarray) -> dict:
 
 def run_case(case: Case, suite: Suite, root: Path) -> dict:
     from diffkiln.benchmarks.eager import eager_pipeline
+    from diffkiln.engines.registry import get_backend
     from diffkiln.models.registry import load_model
     from diffkiln.runtime import load_pipeline
 
     built = build_engines(case, root / "engines")
     manifest = built.pop("manifest")
     engine_dir = root / "engines" / case.engine_key
-    options = {"threads": os.cpu_count()} if case.backend == "onnxruntime" and case.device == "cpu" else {}
-    if case.backend == "onnxruntime" and case.device == "cuda":
-        options = {"providers": ["CUDAExecutionProvider"]}
-    target = case.device if case.backend == "aoti" else None
-    pipe = load_pipeline(engine_dir, backend=case.backend, target=target, precision=case.precision, **options)
+    pipe = load_pipeline(engine_dir, backend=case.backend, precision=case.precision,
+                         **get_backend(case.backend).options_here(case.device))
     engine = measure(pipe, case, suite.repeats, suite.warmup)
     del pipe
     record = {"case": case.to_dict(), "build": built, "engine": engine, "eager": None, "speedup": None, "quality": None}

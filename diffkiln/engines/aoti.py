@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from diffkiln.engines.base import Engine
+from diffkiln.engines.registry import Backend, register
 from diffkiln.errors import DiffkilnError
 from diffkiln.manifest import PRECISION_DTYPE as PRECISIONS
 from diffkiln.manifest import EngineEntry, SubmodelSpec
@@ -43,6 +44,10 @@ class AotiBuildConfig:
             raise DiffkilnError(f"AOTInductor precision {self.precision!r}; expected one of {tuple(PRECISIONS)}")
         if self.device == "cpu" and self.precision != "fp32":
             raise DiffkilnError(f"AOTInductor on CPU builds fp32 engines; {self.precision} needs --device cuda")
+
+    @property
+    def export_dtype(self) -> str:
+        return PRECISIONS[self.precision]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -188,3 +193,48 @@ class AotiEngine(Engine):
         out = out[0] if isinstance(out, (list, tuple)) else out
         name = self.spec.outputs[0].name
         return {name: out if self.return_torch else out.float().cpu().numpy()}
+
+
+class AotiBackend(Backend):
+    name = "aoti"
+    config_type = AotiBuildConfig
+    preference = 20
+    needs_onnx = False  # compiled from the torch modules
+    engine_options = ("return_torch",)
+    config_options = ("device", "precision", "max_autotune", "fused_linear_attention")
+
+    def open(self, root, manifest, entry, **options):
+        return {name: AotiEngine(root / files[0], manifest.submodels[name], entry.options["torch"], **options)
+                for name, files in entry.files.items()}
+
+    def runnable_here(self, entry=None):
+        import importlib.metadata as md
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return False, "torch is not installed"
+        built = entry.options.get("torch") if entry is not None else None
+        if built is not None and built != md.version("torch"):
+            return False, f"compiled by torch {built}, torch {md.version('torch')} is installed"
+        device = entry.target if entry is not None else "cpu"
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                return False, "compiled for CUDA and torch.cuda sees no GPU"
+        return True, f"torch {md.version('torch')} runs {device} packages"
+
+    def config(self, options):
+        return AotiBuildConfig(**{k: options[k] for k in self.config_options if options.get(k) is not None})
+
+    def config_here(self, device, precision):
+        return AotiBuildConfig(device=device, precision=precision)
+
+    def build(self, root, manifest, model, config, names=None):
+        return [build_aoti(model, root, config, names)]
+
+    def eager_device(self, entry):
+        return entry.target
+
+
+register(AotiBackend())

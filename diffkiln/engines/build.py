@@ -1,133 +1,153 @@
-"""`diffkiln build`: a preset, a diffusers folder or an engine directory -> an engine directory with `backend`'s engines.
+"""`diffkiln build`: a preset, a diffusers folder or an engine directory -> an engine directory with one backend's engines.
 
-ONNX Runtime engines are the exported ONNX files themselves; TensorRT engines are built from an
-ONNX engine set of the same precision (exported on the way when MODEL is a preset or a folder).
-The output directory is written atomically, also when engines are added to an existing one.
+The build step owns export -> check -> engines: the model is exported to ONNX (with parity against eager,
+export/) when the backend builds from ONNX, an FP8 / NVFP4 set is added from a calibration when the
+config asks for one, then the backend chosen by the build config's TYPE (engines.registry.for_config)
+builds its engines. The output directory is written atomically, also when engines are added to an
+existing one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
+from diffkiln.engines.registry import QUANTIZED, backend_names, for_config, get_backend
 from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_dir
-from diffkiln.manifest import (
-    DTYPE_PRECISION,
-    MANIFEST,
-    PRECISION_DTYPE,
-    Manifest,
-    read_manifest,
-)
+from diffkiln.manifest import DTYPE_PRECISION, MANIFEST, Manifest, read_manifest
 
-BUILDABLE = ("onnxruntime", "tensorrt", "aoti")
-QUANTIZED = ("fp8", "nvfp4")  # precisions built from a calibration on top of a 32/16-bit export
+
+def __getattr__(name):  # BUILDABLE: the registered backends (resolved when asked for)
+    if name == "BUILDABLE":
+        return backend_names()
+    raise AttributeError(name)
+
+
+def build_config(backend: str = "onnxruntime", dtype: str | None = None, tensorrt=None, aoti=None,
+                 precision: str | None = None, calibration: str | Path | None = None):
+    """The build config the keyword API (`backend=`, `dtype=`, `tensorrt=`, `aoti=`, ...) describes."""
+    kind = get_backend(backend)
+    given = {"tensorrt": tensorrt, "aoti": aoti}.get(backend)
+    if given is None and backend == "tensorrt":
+        raise DiffkilnError("backend 'tensorrt' needs a TensorRTBuildConfig (at least the GPU SKUs: --sku)")
+    config = given or kind.config({"dtype": dtype, "precision": precision,
+                                   "calibration": None if calibration is None else str(calibration)})
+    if calibration is not None and hasattr(config, "calibration") and not config.calibration:
+        config = dataclasses.replace(config, calibration=str(calibration))
+    return config
+
+
+def check_ranges(ranges: dict | None) -> dict:
+    """The user's shape ranges, only the keys given (the model checks them against its stride and frame rule)."""
+    return {k: v for k, v in (ranges or {}).items() if v is not None}
+
+
+def load_source_model(source, submodels=None, dtype: str = "float32", ranges: dict | None = None):
+    """models.registry.load_model, with the user's shape ranges when any are given."""
+    from diffkiln.models.registry import load_model
+
+    ranges = check_ranges(ranges)
+    return load_model(source, submodels, dtype=dtype, **({"ranges": ranges} if ranges else {}))
 
 
 def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", submodels=None,
           dtype: str | None = None, overwrite: bool = False, tensorrt=None, aoti=None,
           precision: str | None = None, calibration: str | Path | None = None, plan: str | Path | None = None,
-          parity_shapes: str = "declared") -> Manifest:
-    """Build `backend` engines for `source` into `out`.
+          parity_shapes: str = "declared", config=None, ranges: dict | None = None) -> Manifest:
+    """Build engines for `source` into `out`.
 
-    `tensorrt`: a `TensorRTBuildConfig` (required for backend "tensorrt"), `aoti`: an `AotiBuildConfig`
-    (default: CPU fp32); their precision picks the export dtype. `dtype` is the export dtype for
-    "onnxruntime" (default float32). FP8 / NVFP4 (`precision=` for onnxruntime, or a TensorRT config
-    with that precision) need a calibration directory (`diffkiln calibrate`): the transformer is
-    quantized on top of a float32 (onnxruntime) or float16 (tensorrt) export; `plan` (a sensitivity
-    plan from `diffkiln sensitivity`) limits it to the plan's layers. `parity_shapes="smallest"` checks the
-    quantized graph at batch 1 and the smallest latent size only (billion-parameter models on a CPU).
+    `config`: a build config (`OnnxRuntimeBuildConfig`, `TensorRTBuildConfig`, `AotiBuildConfig`, ...): its type
+    picks the backend. Without it the keywords describe one: `backend`, `tensorrt` (a `TensorRTBuildConfig`,
+    required for "tensorrt"), `aoti` (an `AotiBuildConfig`, default CPU fp32), `dtype` (the export dtype for
+    "onnxruntime", default float32), `precision` ("fp8" / "nvfp4" for onnxruntime). FP8 / NVFP4 need a
+    calibration directory (`diffkiln calibrate`): the denoiser is quantized on top of a float32 (onnxruntime)
+    or float16 (tensorrt) export; `plan` (a sensitivity plan from `diffkiln sensitivity`) limits it to the
+    plan's layers. `parity_shapes="smallest"` checks the quantized graph at batch 1 and the smallest latent
+    size only (billion-parameter models on a CPU). `ranges`: the shapes the engines take
+    ({"min_size", "max_size"} pixels per side, "max_batch", {"min_frames", "max_frames"}; only the given keys),
+    applied to the model when it is loaded from a preset or a folder.
     """
-    if backend not in BUILDABLE:
-        raise DiffkilnError(f"Backend {backend!r} is not supported by `build`; supported: {BUILDABLE}")
-    flavor = None
-    if backend == "tensorrt":
-        if tensorrt is None:
-            raise DiffkilnError("backend 'tensorrt' needs a TensorRTBuildConfig (at least the GPU SKUs: --sku)")
-        from diffkiln.engines.tensorrt import load_flavor
-        from diffkiln.engines.tensorrt_build import check_request
-
-        flavor = load_flavor()
-        check_request(flavor, tensorrt)  # refuse impossible requests before exporting anything
-        precision = tensorrt.precision
-        calibration = calibration or tensorrt.calibration
-        dtype = "float16" if precision in QUANTIZED else PRECISION_DTYPE[precision]
-    if backend == "aoti":
-        from diffkiln.engines.aoti import AotiBuildConfig
-
-        aoti = aoti or AotiBuildConfig()
-        dtype = PRECISION_DTYPE[aoti.precision]
-    if precision not in (None, *QUANTIZED) and backend == "onnxruntime":
-        raise DiffkilnError(f"onnxruntime precision {precision!r}: use --dtype for float32/float16; --precision takes {QUANTIZED}")
-    quantized = precision in QUANTIZED and backend in ("onnxruntime", "tensorrt")
+    if config is None:
+        config = build_config(backend, dtype, tensorrt, aoti, precision, calibration)
+    kind = for_config(config)
+    kind.check(config)  # refuse impossible requests before exporting anything
+    quantized = getattr(config, "precision", None) in QUANTIZED and kind.needs_onnx
+    calibration = getattr(config, "calibration", None)
     if quantized and calibration is None:
-        raise DiffkilnError(f"{precision} engines need calibration scales: run `diffkiln calibrate MODEL --precision "
-                            f"{precision} -o DIR`, then pass --calibration DIR")
+        raise DiffkilnError(f"{config.precision} engines need calibration scales: run `diffkiln calibrate MODEL --precision "
+                            f"{config.precision} -o DIR`, then pass --calibration DIR")
     if plan is not None and not quantized:
         raise DiffkilnError("a sensitivity plan applies to fp8 / nvfp4 builds")
-    dtype = dtype or "float32"
+    ranges = check_ranges(ranges)
+    dtype = config.export_dtype
     base_precision = DTYPE_PRECISION[dtype]
     src = Path(source)
     from_dir = (src / MANIFEST).is_file()
     if from_dir:
+        if ranges:
+            raise DiffkilnError(f"shape ranges {sorted(ranges)} apply when building from a preset or a folder; {src} "
+                                "is an engine directory, its engines keep the ranges it was exported with")
         manifest = read_manifest(src, verify=True)
-        if backend == "tensorrt":
+        if kind.needs_onnx:  # built from the directory's ONNX export (of the precision the engines get)
+            want = None if _builds_nothing(kind) else base_precision if quantized else config.precision
             try:
-                manifest.engine("onnxruntime", precision=base_precision if quantized else tensorrt.precision)
+                manifest.engine("onnxruntime", precision=want)
             except DiffkilnError as e:
                 raise DiffkilnError(f"{e}. Export at that precision first: diffkiln export MODEL DIR --dtype {dtype}") from e
-        if backend == "onnxruntime":
-            manifest.engine("onnxruntime")
-            if src.resolve() == Path(out).resolve():
-                return manifest
     same = from_dir and src.resolve() == Path(out).resolve()
+    if same and kind.needs_onnx and not quantized and _builds_nothing(kind):
+        return manifest  # the export is the engine set, and it is there
+    model = None
     with atomic_dir(out, overwrite=overwrite or same) as tmp:
         if from_dir:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-            if backend == "aoti" or quantized:
+            if not kind.needs_onnx or quantized:
                 from diffkiln.engines.verify import source_model
 
                 names = ["transformer"] if quantized else submodels or list(manifest.submodels)
                 model = source_model(manifest, names, dtype)
         else:
-            from diffkiln.export.pipeline import (
-                export_into,
-                new_manifest,
-                write_runtime_files,
-            )
-            from diffkiln.models.registry import load_model
+            from diffkiln.export.pipeline import export_into, new_manifest, write_runtime_files
 
-            model = load_model(source, submodels, dtype=dtype)
-            if backend == "aoti":  # AOTInductor compiles from the torch modules; no ONNX needed
+            model = load_source_model(source, submodels, dtype, ranges)
+            if kind.needs_onnx:
+                manifest = export_into(model, tmp)
+            else:  # compiled from the torch modules; no ONNX needed
                 write_runtime_files(model, tmp)
                 manifest = new_manifest(model, model.submodels(), [])
-            else:
-                manifest = export_into(model, tmp)
         if quantized:
-            from diffkiln.calibration.calibrate import load_calibration
-
-            cal = load_calibration(calibration, model, precision)
-            layers = None
-            if plan is not None:
-                from diffkiln.calibration.sensitivity import load_plan
-
-                layers = load_plan(plan, model, precision)["plan"]["quantize"]
-            if precision == "fp8":
-                from diffkiln.export.quantize import add_fp8_engine_set
-
-                add_fp8_engine_set(tmp, manifest, model, cal, base_precision, layers=layers, parity_shapes=parity_shapes)
-            else:
-                from diffkiln.export.nvfp4 import add_nvfp4_engine_set
-
-                add_nvfp4_engine_set(tmp, manifest, model, cal, base_precision, layers=layers, parity_shapes=parity_shapes)
-        if backend == "tensorrt":
-            from diffkiln.engines.tensorrt_build import add_tensorrt_engines
-
-            add_tensorrt_engines(tmp, manifest, tensorrt, flavor)
-        if backend == "aoti":
-            from diffkiln.engines.aoti import build_aoti
-
-            entry = build_aoti(model, tmp, aoti, submodels)
-            manifest.engines = [e for e in manifest.engines if e.key != entry.key] + [entry]
+            _add_quantized_set(tmp, manifest, model, config.precision, calibration, base_precision, plan, parity_shapes)
+        built = kind.build(tmp, manifest, model, config, submodels)
+        keys = {e.key for e in built}
+        manifest.engines = [e for e in manifest.engines if e.key not in keys] + list(built)
         manifest.write(tmp)
     return manifest
+
+
+def _builds_nothing(kind) -> bool:
+    """Whether the backend's engines are the ONNX export itself (it adds no build step of its own)."""
+    from diffkiln.engines.registry import Backend
+
+    return type(kind).build is Backend.build
+
+
+def _add_quantized_set(root, manifest, model, precision, calibration, base_precision, plan, parity_shapes) -> None:
+    """An FP8 / NVFP4 ONNX engine set beside the export, from the calibration (and the plan's layers)."""
+    from diffkiln.calibration.calibrate import load_calibration
+
+    cal = load_calibration(calibration, model, precision)
+    layers = None
+    if plan is not None:
+        from diffkiln.calibration.sensitivity import load_plan
+
+        layers = load_plan(plan, model, precision)["plan"]["quantize"]
+    if precision == "fp8":
+        from diffkiln.export.quantize import add_fp8_engine_set
+
+        add_fp8_engine_set(root, manifest, model, cal, base_precision, layers=layers, parity_shapes=parity_shapes)
+    else:
+        from diffkiln.export.nvfp4 import add_nvfp4_engine_set
+
+        add_nvfp4_engine_set(root, manifest, model, cal, base_precision, layers=layers, parity_shapes=parity_shapes)

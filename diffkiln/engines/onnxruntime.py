@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from diffkiln.engines.base import Engine
+from diffkiln.engines.registry import QUANTIZED, Backend, register
 from diffkiln.errors import DiffkilnError, require
-from diffkiln.manifest import SubmodelSpec
+from diffkiln.manifest import DTYPE_PRECISION, SubmodelSpec
 
 PREPACK_LIMIT_BYTES = 1 << 30  # graphs with more external weight bytes than this are not pre-packed
 
@@ -62,3 +65,75 @@ class OnnxRuntimeEngine(Engine):
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.session.run(None, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
         return {t.name: o for t, o in zip(self.spec.outputs, outs)}
+
+
+@dataclass
+class OnnxRuntimeBuildConfig:
+    """ONNX Runtime engines are the export itself: its weights dtype, and optionally an FP8 / NVFP4 set on top
+    (quantized from a calibration directory)."""
+
+    dtype: str = "float32"
+    precision: str | None = None  # None: the dtype's precision; "fp8" | "nvfp4": a quantized set besides
+    calibration: str | None = None
+    version: int = 1
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_PRECISION:
+            raise DiffkilnError(f"onnxruntime dtype {self.dtype!r}; expected one of {tuple(DTYPE_PRECISION)}")
+        if self.precision not in (None, *QUANTIZED):
+            raise DiffkilnError(f"onnxruntime precision {self.precision!r}: use --dtype for float32/float16; "
+                                f"--precision takes {QUANTIZED}")
+
+    @property
+    def export_dtype(self) -> str:
+        return self.dtype
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def set_lora(engine, lora, submodel, spatial_scale, temporal_scale):
+    """A new session whose initializers are the LoRA'd weights (base + delta from the file's own initializers)."""
+    from diffkiln.lora.apply import manifest_weight_map, onnx_overrides
+
+    weight_map = manifest_weight_map(engine.path, submodel)
+    overrides = onnx_overrides(lora, weight_map, engine.path, spatial_scale, temporal_scale)
+    new = OnnxRuntimeEngine(engine.path, engine.spec, providers=engine.providers, threads=engine.threads,
+                            initializers=overrides)
+    new.lora_initializers = sorted(overrides)
+    return new
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    config_type = OnnxRuntimeBuildConfig
+    preference = 30
+    engine_options = ("providers", "threads", "initializers")
+    config_options = ("dtype", "precision", "calibration")
+    set_lora = staticmethod(set_lora)
+
+    def open(self, root, manifest, entry, **options):
+        return {name: OnnxRuntimeEngine(root / files[0], manifest.submodels[name], **options)
+                for name, files in entry.files.items()}
+
+    def runnable_here(self, entry=None):
+        if importlib.util.find_spec("onnxruntime") is None:
+            return False, "onnxruntime is not installed"
+        return True, "onnxruntime is installed"
+
+    def config(self, options):
+        return OnnxRuntimeBuildConfig(dtype=options.get("dtype") or "float32", precision=options.get("precision"),
+                                      calibration=options.get("calibration"))
+
+    def options_here(self, device):
+        import os
+
+        return {"providers": ["CUDAExecutionProvider"]} if device == "cuda" else {"threads": os.cpu_count()}
+
+    def config_here(self, device, precision):
+        from diffkiln.manifest import PRECISION_DTYPE
+
+        return OnnxRuntimeBuildConfig(dtype=PRECISION_DTYPE[precision])
+
+
+register(OnnxRuntimeBackend())

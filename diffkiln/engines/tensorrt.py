@@ -241,3 +241,25 @@ class TensorRTEngine(Engine):
         if self.return_torch:
             return dict(outs)
         return {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in outs.items()}
+
+
+def set_lora(engine, lora, submodel, spatial_scale, temporal_scale):
+    """Refit the LoRA'd weights into a refittable engine in place (weights a previous LoRA changed are reset)."""
+    from diffkiln.lora.apply import onnx_overrides
+    from diffkiln.lora.onnx_weights import read_initializers
+    from diffkiln.lora.tensorrt import engine_lora_source, refit
+
+    onnx_path, weight_map = engine_lora_source(engine.path, submodel)
+    overrides = onnx_overrides(lora, weight_map, onnx_path, spatial_scale, temporal_scale)
+    previous = set(getattr(engine, "lora_initializers", ()))
+    reset = sorted(previous - set(overrides))  # weights the last LoRA changed and this one does not
+    values = {**read_initializers(onnx_path, reset), **overrides}
+
+    def fill(names):
+        base = read_initializers(onnx_path, [n for n in names if n not in values])
+        return {n: values.get(n, base.get(n)) for n in names}
+
+    if values:
+        refit(engine, values, fill)
+    engine.lora_initializers = sorted(overrides)
+    return engine

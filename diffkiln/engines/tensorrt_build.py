@@ -18,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from diffkiln.engines.registry import QUANTIZED, Backend, register
 from diffkiln.engines.skus import PRECISIONS, SKUS, check_precision, parse_skus
 from diffkiln.engines.tensorrt import Flavor, detect_gpu, load_flavor
 from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_write_bytes, sha256_file, sha256_json
-from diffkiln.manifest import EngineEntry, Manifest
+from diffkiln.manifest import PRECISION_DTYPE, EngineEntry, Manifest
 from diffkiln.progress import log, progress
 
 BUILDABLE_PRECISIONS = ("fp32", "fp16", "fp8", "nvfp4")
@@ -66,6 +67,11 @@ class TensorRTBuildConfig:
             raise DiffkilnError(f"static_batch={self.static_batch}; expected >= 1")
         if self.precision not in PRECISIONS:
             raise DiffkilnError(f"Unknown precision {self.precision!r}; expected one of {PRECISIONS}")
+
+    @property
+    def export_dtype(self) -> str:
+        """The ONNX export the engines are built from: quantized sets go on top of a float16 export."""
+        return "float16" if self.precision in QUANTIZED else PRECISION_DTYPE[self.precision]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -289,3 +295,71 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
         e.options["onnx_parity"] = {n: max(r["max_abs"] for r in onnx.parity[n]) for n in e.files if onnx.parity.get(n)}
         manifest.engines.append(e)
     return list(entries.values())
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    config_type = TensorRTBuildConfig
+    preference = 10
+    engine_options = ("device", "cuda_graph", "return_torch")
+    config_options = ("sku", "precision", "calibration", "mode", "static_height", "static_width", "static_batch",
+                      "optimization_level", "workspace_gib", "jobs", "cache_dir", "use_cache", "refittable")
+
+    @property
+    def set_lora(self):
+        from diffkiln.engines.tensorrt import set_lora
+
+        return set_lora
+
+    def open(self, root, manifest, entry, **options):
+        from diffkiln.engines.tensorrt import TensorRTEngine, narrowed_spec
+
+        flavor = load_flavor(entry.options.get("flavor"))
+        return {name: TensorRTEngine(root / files[0], narrowed_spec(manifest.submodels[name], entry.options["profiles"][name]),
+                                     flavor, **options)
+                for name, files in entry.files.items()}
+
+    def select(self, manifest, target, precision):
+        if target is None:  # the set built for this machine's GPU by the installed TensorRT
+            from diffkiln.engines.tensorrt import select_engine_set
+
+            return select_engine_set(manifest, detect_gpu(), load_flavor(), precision)
+        return manifest.engine(self.name, target, precision)
+
+    def runnable_here(self, entry=None):
+        try:
+            flavor = load_flavor((entry.options.get("flavor") if entry is not None else None))
+        except DiffkilnError as e:
+            return False, str(e)
+        gpu = detect_gpu()
+        if gpu is None:
+            return False, "no NVIDIA GPU here"
+        if entry is not None and entry.target != gpu.sku:
+            return False, f"built for {entry.target}, this GPU ({gpu.name}) is {gpu.sku}"
+        if entry is not None and entry.options.get("version") != flavor.version:
+            return False, f"built by {flavor.name} {entry.options.get('version')}, {flavor.version} is installed"
+        return True, f"{gpu.name} ({gpu.sku}), {flavor.name} {flavor.version}"
+
+    def config(self, options):
+        if not options.get("sku"):
+            raise DiffkilnError("--backend tensorrt needs --sku (e.g. --sku sm86,sm89,sm120)")
+        kw = {k: options[k] for k in self.config_options[1:] if options.get(k) is not None}
+        return TensorRTBuildConfig(skus=options["sku"], **kw)
+
+    def config_here(self, device, precision):
+        gpu = detect_gpu()
+        if gpu is None:
+            raise DiffkilnError("TensorRT engines for this machine need its GPU; none here")
+        return TensorRTBuildConfig([gpu.sku], precision)
+
+    def check(self, config):
+        check_request(load_flavor(), config)
+
+    def build(self, root, manifest, model, config, names=None):
+        return add_tensorrt_engines(root, manifest, config, load_flavor())
+
+    def eager_device(self, entry):
+        return "cuda"
+
+
+register(TensorRTBackend())

@@ -36,19 +36,20 @@ def source_model(manifest: Manifest, names: list[str], dtype: str):
     return model
 
 
-def verify_engines(root: str | Path, backend: str, target: str | None = None, precision: str | None = None,
+def verify_engines(root: str | Path, backend: str | None = None, target: str | None = None, precision: str | None = None,
                    device: str | None = None, **engine_options) -> tuple[Manifest, EngineEntry]:
-    """Measure parity of one engine set against eager PyTorch and rewrite the manifest with it (atomically)."""
-    from diffkiln.engines import open_engines, select_engines
+    """Measure parity of one engine set against eager PyTorch and rewrite the manifest with it (atomically).
+    `backend=None`: the engine set `generate` would run here (see engines.select_engines)."""
+    from diffkiln.engines import get_backend, open_engines, select_engines
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.export.parity import check_parity
     root = Path(root)
     manifest = read_manifest(root, verify=True)
-    entry = select_engines(manifest, backend, target, precision)
+    entry = select_engines(manifest, backend, target, precision, root=root)
     if entry.precision not in PRECISION_DTYPE:
         raise DiffkilnError(f"verify compares against eager PyTorch in {list(PRECISION_DTYPE)}; {entry.key} is {entry.precision}")
     model = source_model(manifest, list(entry.files), PRECISION_DTYPE[entry.precision])
-    device = device or ("cuda" if backend == "tensorrt" else "cpu")
+    device = device or get_backend(entry.backend).eager_device(entry)
     engines = open_engines(root, manifest, entry, **engine_options)
     for name, sub in model.submodels(list(entry.files)).items():
         spec = engines[name].spec

@@ -7,12 +7,19 @@ from diffkiln.runtime.pipeline import Pipeline, PipelineOutput
 __all__ = ["Pipeline", "PipelineOutput", "load_pipeline"]
 
 
-def load_pipeline(root: str | Path, backend: str = "onnxruntime", target: str | None = None,
-                  precision: str | None = None, verify: bool = True, **engine_options):
+def load_pipeline(root: str | Path, backend: str | None = None, target: str | None = None,
+                  precision: str | None = None, verify: bool = True, scheduler: str | None = None, **engine_options):
     """The runtime pipeline for an engine directory: `Pipeline` for image models, the family's
-    `VideoPipeline` subclass for video models (see diffkiln.runtime.video)."""
-    from diffkiln.runtime.video import is_video, load_video_pipeline
+    `VideoPipeline` subclass for video models (see diffkiln.runtime.video).
 
-    if is_video(root):
-        return load_video_pipeline(root, backend, target, precision, verify, **engine_options)
-    return Pipeline.from_engines(root, backend, target, precision, verify, **engine_options)
+    `backend=None`: the only engine set in the directory, else the best one this machine can run
+    (TensorRT for this GPU, AOTInductor for this device, ONNX Runtime); the choice is logged.
+    `scheduler`: a scheduler name (diffkiln.runtime.schedulers.SCHEDULER_NAMES) replacing the folder's."""
+    from diffkiln.runtime.pipeline import open_engine_dir
+    from diffkiln.runtime.video import is_video, video_pipeline_class
+
+    engines, settings, scheduler_config, tokenizer = open_engine_dir(root, backend, target, precision, verify,
+                                                                     **engine_options)
+    cls = video_pipeline_class(settings["family"]) if is_video(root) else Pipeline
+    extra = {} if scheduler is None else {"scheduler": scheduler}
+    return cls(engines, settings, scheduler_config, tokenizer, **extra)

@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.lora.apply import manifest_weight_map, onnx_overrides
 from diffkiln.lora.format import read_lora
-from diffkiln.lora.onnx_weights import read_initializers
 
 
 def set_lora(pipeline, path: str | Path | list | None, spatial_scale: float = 1.0, temporal_scale: float = 1.0,
@@ -35,45 +33,17 @@ def set_lora(pipeline, path: str | Path | list | None, spatial_scale: float = 1.
             raise DiffkilnError(f"set_lora: {name}={s!r}; expected a number")
     engine = engines[submodel]
     lora = read_lora(path) if path is not None else None
-    if engine.backend == "onnxruntime":
-        new = _onnxruntime(engine, lora, submodel, spatial_scale, temporal_scale)
-        engines[submodel] = new
-    elif engine.backend == "tensorrt":
-        new = _tensorrt(engine, lora, submodel, spatial_scale, temporal_scale)
-    else:
-        raise DiffkilnError(f"set_lora: {engine.backend} engines cannot take LoRAs; use onnxruntime engines, or "
-                            f"TensorRT engines built with refittable=True")
+    from diffkiln.engines.registry import backend_names, get_backend
+
+    put = get_backend(engine.backend).set_lora
+    if put is None:
+        able = [n for n in backend_names() if get_backend(n).set_lora is not None]
+        raise DiffkilnError(f"set_lora: {engine.backend} engines cannot take LoRAs; backends that can: {able} "
+                            f"(TensorRT engines built with refittable=True)")
+    new = put(engine, lora, submodel, spatial_scale, temporal_scale)
+    engines[submodel] = new
     new.lora = None if lora is None else {**lora.describe(), "spatial_scale": float(spatial_scale),
                                           "temporal_scale": float(temporal_scale),
                                           "weights_replaced": len(new.lora_initializers)}
     return {"lora": new.lora, "seconds": round(time.perf_counter() - start, 4)}
 
-
-def _onnxruntime(engine, lora, submodel, spatial_scale, temporal_scale):
-    from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
-
-    weight_map = manifest_weight_map(engine.path, submodel)
-    overrides = onnx_overrides(lora, weight_map, engine.path, spatial_scale, temporal_scale)
-    new = OnnxRuntimeEngine(engine.path, engine.spec, providers=getattr(engine, "providers", None),
-                            threads=getattr(engine, "threads", None), initializers=overrides)
-    new.lora_initializers = sorted(overrides)
-    return new
-
-
-def _tensorrt(engine, lora, submodel, spatial_scale, temporal_scale):
-    from diffkiln.lora.tensorrt import engine_lora_source, refit
-
-    onnx_path, weight_map = engine_lora_source(engine.path, submodel)
-    overrides = onnx_overrides(lora, weight_map, onnx_path, spatial_scale, temporal_scale)
-    previous = set(getattr(engine, "lora_initializers", ()))
-    reset = sorted(previous - set(overrides))  # weights the last LoRA changed and this one does not
-    values = {**read_initializers(onnx_path, reset), **overrides}
-
-    def fill(names):
-        base = read_initializers(onnx_path, [n for n in names if n not in values])
-        return {n: values.get(n, base.get(n)) for n in names}
-
-    if values:
-        refit(engine, values, fill)
-    engine.lora_initializers = sorted(overrides)
-    return engine

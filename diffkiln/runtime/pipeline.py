@@ -46,15 +46,17 @@ def guide(noise: np.ndarray, guidance: float) -> np.ndarray:
     return uncond + np.float32(guidance) * (text - uncond)
 
 
-def open_engine_dir(root: str | Path, backend: str = "onnxruntime", target: str | None = None,
+def open_engine_dir(root: str | Path, backend: str | None = None, target: str | None = None,
                     precision: str | None = None, verify: bool = True, **engine_options) -> tuple[dict, dict, dict, Path]:
-    """An engine directory -> (engines, pipeline settings, scheduler config, tokenizer file), manifest hashes checked."""
+    """An engine directory -> (engines, pipeline settings, scheduler config, tokenizer file), manifest hashes checked.
+
+    `backend=None`: the only engine set present, else the best one this machine runs (logged)."""
     from diffkiln.engines import open_engines, select_engines
     from diffkiln.manifest import read_manifest
 
     root = Path(root)
     manifest = read_manifest(root, verify=verify)
-    entry = select_engines(manifest, backend, target, precision)
+    entry = select_engines(manifest, backend, target, precision, root=root)
     engines = open_engines(root, manifest, entry, **engine_options)
     settings = json.loads((root / "pipeline.json").read_text())
     scheduler = json.loads((root / "scheduler.json").read_text())
@@ -76,7 +78,7 @@ class EnginePipeline:
         self.tokenizer_file = Path(tokenizer_file)
 
     @classmethod
-    def from_engines(cls, root: str | Path, backend: str = "onnxruntime", target: str | None = None,
+    def from_engines(cls, root: str | Path, backend: str | None = None, target: str | None = None,
                      precision: str | None = None, verify: bool = True, **engine_options):
         """Load an engine directory: manifest (hashes checked), tokenizer, scheduler and pipeline settings."""
         return cls(*open_engine_dir(root, backend, target, precision, verify, **engine_options))
