@@ -12,7 +12,7 @@ from diffkiln.errors import DiffkilnError
 def calib(tmp_path_factory):
     from diffkiln.calibration.calibrate import CalibrationConfig, calibrate
     from diffkiln.calibration.prompts import read_prompts, split
-    from diffkiln.models.sana import load_model
+    from diffkiln.models.registry import load_model
 
     model = load_model("tiny-sana", ["text_encoder", "transformer"])
     out = tmp_path_factory.mktemp("calib") / "c"
@@ -72,7 +72,7 @@ def test_cache_roundtrip_and_refusals(calib, tmp_path):
     import shutil
 
     from diffkiln.calibration.calibrate import load_calibration
-    from diffkiln.models.sana import load_model
+    from diffkiln.models.registry import load_model
 
     model, cal, out = calib
     again = load_calibration(out, model, "fp8")

@@ -25,7 +25,7 @@ def one_torch_thread():
 def calib(tmp_path_factory):
     from diffkiln.calibration.calibrate import CalibrationConfig, calibrate
     from diffkiln.calibration.prompts import read_prompts, split
-    from diffkiln.models.sana import load_model
+    from diffkiln.models.registry import load_model
 
     # with its VAE the diffusers pipeline sizes latents by the model's own scale factor (without one it assumes 32)
     model = load_model("tiny-sana", ["text_encoder", "transformer", "vae_decoder"])
@@ -163,11 +163,10 @@ def test_tensorrt_form_computes_what_the_eager_twin_does(calib, nvfp4_dir):
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.export.nvfp4 import act_global_scales, fake_quantize_nvfp4, nvfp4_weights, tensorrt_form_reference
     from diffkiln.export.parity import compare
-    from diffkiln.models.submodels import sana_submodels
 
     model, cal = calib
     root, _, e, _ = nvfp4_dir
-    sub = sana_submodels(model, ["transformer"])["transformer"]
+    sub = model.submodels(["transformer"])["transformer"]
     module = copy.deepcopy(sub.module)
     layers = e.options["quantized_layers"]
     fake_quantize_nvfp4(module.transformer, nvfp4_weights(module.transformer, cal, layers), act_global_scales(cal, layers))
@@ -254,7 +253,6 @@ def test_sweep_fp8_plan_meets_the_budget(calib, feeds):
 
     from diffkiln.calibration.sensitivity import sweep
     from diffkiln.export.quantize import fake_quantize_fp8, fp8_scales, sqnr_db
-    from diffkiln.models.submodels import sana_submodels
 
     model, cal = calib
     everything = sweep(model, cal, "fp8", feeds_fn=lambda: feeds, budget_db=0.0)
@@ -265,7 +263,7 @@ def test_sweep_fp8_plan_meets_the_budget(calib, feeds):
     r = sweep(model, cal, "fp8", feeds_fn=lambda: feeds, budget_db=budget)
     assert 0 < len(r["plan"]["keep"]) < len(r["blocks"]) and r["sqnr_db_plan"] >= budget
     # independently: the plan's layers quantized together on a copy of the transformer
-    sub = sana_submodels(model, ["transformer"])["transformer"]
+    sub = model.submodels(["transformer"])["transformer"]
     names = [t.name for t in sub.spec.inputs]
     args = [torch.from_numpy(feeds[0][n]) for n in names if n in feeds[0]]
     with torch.inference_mode():

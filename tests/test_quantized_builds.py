@@ -12,7 +12,7 @@ from diffkiln.errors import DiffkilnError
 def calib(tmp_path_factory):
     from diffkiln.calibration.calibrate import CalibrationConfig, calibrate
     from diffkiln.calibration.prompts import read_prompts, split
-    from diffkiln.models.sana import load_model
+    from diffkiln.models.registry import load_model
 
     out = tmp_path_factory.mktemp("calib") / "fp8"
     calibrate(load_model("tiny-sana", ["text_encoder", "transformer"]), split(read_prompts())[0],
@@ -100,7 +100,7 @@ def test_fp8_needs_a_matching_calibration(calib, tmp_path):
 def nvfp4_calib(tmp_path_factory):
     from diffkiln.calibration.calibrate import CalibrationConfig, calibrate
     from diffkiln.calibration.prompts import read_prompts, split
-    from diffkiln.models.sana import load_model
+    from diffkiln.models.registry import load_model
 
     out = tmp_path_factory.mktemp("calib") / "nvfp4"
     calibrate(load_model("tiny-sana", ["text_encoder", "transformer"]), split(read_prompts())[0],
