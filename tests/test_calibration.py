@@ -57,7 +57,7 @@ def test_user_prompt_files(tmp_path):
 
 
 def test_statistics_cover_the_quantizable_layers(calib):
-    model, cal, _ = calib
+    _, cal, _ = calib
     layers = cal.meta["layers"]
     # every transformer-block GEMM, none of the sensitive layers kept in 16-bit by default
     assert any(".attn1.to_q" in n for n in layers) and any(".ff." in n for n in layers)

@@ -113,7 +113,7 @@ def test_weight_behind_a_transpose_is_quantized_and_the_transpose_dropped():
     assert done == ["lin"] and not any(nd.op_type == "Transpose" for nd in unfolded.graph.node)
     assert "w_nk" not in {t.name for t in unfolded.graph.initializer}
     x = np.random.default_rng(0).standard_normal((2, 3, k)).astype(np.float32)
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(run(unfolded), run(folded))
 
 
@@ -161,7 +161,12 @@ def test_tensorrt_form_computes_what_the_eager_twin_does(calib, nvfp4_dir):
     import onnx
 
     from diffkiln.engines.eager import EagerEngine
-    from diffkiln.export.nvfp4 import act_global_scales, fake_quantize_nvfp4, nvfp4_weights, tensorrt_form_reference
+    from diffkiln.export.nvfp4 import (
+        act_global_scales,
+        fake_quantize_nvfp4,
+        nvfp4_weights,
+        tensorrt_form_reference,
+    )
     from diffkiln.export.parity import compare
 
     model, cal = calib
@@ -219,7 +224,12 @@ def feeds(calib):
 
 
 def test_sweep_nvfp4_and_plans(calib, feeds, tmp_path):
-    from diffkiln.calibration.sensitivity import load_plan, plan_for_budget, save_plan, sweep
+    from diffkiln.calibration.sensitivity import (
+        load_plan,
+        plan_for_budget,
+        save_plan,
+        sweep,
+    )
 
     model, cal = calib
     r = sweep(model, cal, "nvfp4", feeds_fn=lambda: feeds, budget_db=math.inf)

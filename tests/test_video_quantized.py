@@ -10,7 +10,11 @@ BUDGET_DB = 30.0
 
 
 def _calibrate(preset, out, prompts=2, precision="fp8"):
-    from diffkiln.calibration.calibrate import CalibrationConfig, calibrate, calibration_model
+    from diffkiln.calibration.calibrate import (
+        CalibrationConfig,
+        calibrate,
+        calibration_model,
+    )
     from diffkiln.calibration.prompts import read_prompts, split
 
     model = calibration_model(preset)

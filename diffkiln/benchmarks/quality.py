@@ -53,7 +53,7 @@ def compare_engine_sets(root: str | Path, candidate: str, reference: str, prompt
     rows, refs, cands = [], [], []
     start = time.perf_counter()
     for i, prompt in enumerate(progress(prompts, desc="quality")):
-        call = dict(prompt=prompt, num_inference_steps=steps, seed=seed + i, output_type="np")
+        call = {"prompt": prompt, "num_inference_steps": steps, "seed": seed + i, "output_type": "np"}
         a, b = first_output(ref_pipe(**call)), first_output(cand_pipe(**call))
         refs.append(a)
         cands.append(b)

@@ -73,7 +73,13 @@ def calibrate(model, prompts: list[str], config: CalibrationConfig, out: str | P
     """Collect statistics for the model's denoiser over `prompts` (the first num_prompts) and write `out`."""
     import torch
 
-    from diffkiln.calibration.denoiser import denoiser_module, denoiser_name, pipeline_call, sampler_defaults, sampler_shape
+    from diffkiln.calibration.denoiser import (
+        denoiser_module,
+        denoiser_name,
+        pipeline_call,
+        sampler_defaults,
+        sampler_shape,
+    )
 
     denoiser = denoiser_module(model)
     if getattr(model, "text_encoder", None) is None:

@@ -11,7 +11,12 @@ from __future__ import annotations
 import inspect
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.export.quantize import DENOISERS, denoiser_module, denoiser_name, denoiser_submodel
+from diffkiln.export.quantize import (
+    DENOISERS,
+    denoiser_module,
+    denoiser_name,
+    denoiser_submodel,
+)
 
 __all__ = ["DENOISERS", "call_feeds", "denoiser_module", "denoiser_name", "denoiser_submodel", "fewest_frames",
            "pipeline_call", "sampler_defaults", "sampler_shape"]
@@ -65,9 +70,9 @@ def pipeline_call(model, prompts: list[str], steps: int, guidance: float, seed: 
     if temporal and hasattr(pipe, "vae_scale_factor_temporal"):
         pipe.vae_scale_factor_temporal = temporal
     s = settings(model)
-    kwargs = dict(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=shape["height"],
-                  width=shape["width"], generator=torch.Generator().manual_seed(seed), output_type="latent",
-                  use_resolution_binning=False, max_sequence_length=s.get("max_sequence_length"))
+    kwargs = {"prompt": prompts, "num_inference_steps": steps, "guidance_scale": guidance, "height": shape["height"],
+              "width": shape["width"], "generator": torch.Generator().manual_seed(seed), "output_type": "latent",
+              "use_resolution_binning": False, "max_sequence_length": s.get("max_sequence_length")}
     if "num_frames" in shape:
         kwargs["num_frames"] = kwargs["frames"] = shape["num_frames"]  # SanaVideoPipeline calls it `frames`
     accepted = inspect.signature(type(pipe).__call__).parameters

@@ -62,7 +62,13 @@ def capture_inputs(model, prompts: list[str], steps: int = 2, seed: int = 0, max
     """
     import torch
 
-    from diffkiln.calibration.denoiser import denoiser_module, denoiser_name, pipeline_call, sampler_defaults, sampler_shape
+    from diffkiln.calibration.denoiser import (
+        denoiser_module,
+        denoiser_name,
+        pipeline_call,
+        sampler_defaults,
+        sampler_shape,
+    )
 
     denoiser = denoiser_module(model, "capturing real denoiser inputs")
     if getattr(model, "text_encoder", None) is None:

@@ -299,4 +299,4 @@ def install_quantized_set(manifest, base, precision: str, files: list[str], pari
     return entry
 
 
-__all__ = ["DENOISERS", "denoiser_module", "denoiser_name", "denoiser_submodel", "add_fp8_engine_set", "eager_runner", "ort_runner", "quantized_denoiser", "install_quantized_set", "replace_nodes", "calibration_facts", "measure_quantized", "E4M3_MAX", "fake_quantize_fp8", "fp8_scales", "insert_fp8_qdq", "layer_of", "sqnr_db"]
+__all__ = ["DENOISERS", "E4M3_MAX", "add_fp8_engine_set", "calibration_facts", "denoiser_module", "denoiser_name", "denoiser_submodel", "eager_runner", "fake_quantize_fp8", "fp8_scales", "insert_fp8_qdq", "install_quantized_set", "layer_of", "measure_quantized", "ort_runner", "quantized_denoiser", "replace_nodes", "sqnr_db"]
