@@ -55,14 +55,22 @@ def test_sana_batch_no_cfg_and_images_per_prompt(tiny, tiny_engines):
     assert err < IMAGE_ATOL, f"runtime vs diffusers SanaPipeline (batch 4, no CFG) max abs {err}"
 
 
-def test_sprint_runtime_matches_diffusers(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def sprint(tmp_path_factory):
     from diffkiln.export.pipeline import export_pipeline
     from diffkiln.models.sana import load_model
 
     model = load_model("tiny-sana-sprint")
-    export_pipeline(model, tmp_path / "sprint")
-    out = Pipeline.from_engines(tmp_path / "sprint")(prompt=PROMPT, num_inference_steps=2, guidance_scale=4.5,
-                                                     seed=11, output_type="np")
+    root = tmp_path_factory.mktemp("sprint") / "engines"
+    export_pipeline(model, root)
+    return model, Pipeline.from_engines(root)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_sprint_runtime_matches_diffusers(sprint, steps, monkeypatch):
+    """SANA-Sprint at 1, 2 and 4 steps, as SanaSprintPipeline runs them (intermediate timestep 1.3 only at 2)."""
+    model, pipe = sprint
+    out = pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=4.5, seed=11, output_type="np")
     # diffusers draws the sCM step noise from its generator; feed it the runtime's documented stream instead.
     rng = np.random.Generator(np.random.PCG64(11))
     latents = rng.standard_normal((1, 8, 16, 16), dtype=np.float32)
@@ -70,9 +78,10 @@ def test_sprint_runtime_matches_diffusers(tmp_path, monkeypatch):
 
     monkeypatch.setattr(scm, "randn_tensor", lambda shape, **kw: torch.from_numpy(
         rng.standard_normal(tuple(shape), dtype=np.float32)))
-    ref = diffusers_image(model, latents, prompt=PROMPT, num_inference_steps=2, guidance_scale=4.5, height=64, width=64)
+    ref = diffusers_image(model, latents, prompt=PROMPT, num_inference_steps=steps, guidance_scale=4.5, height=64,
+                          width=64, intermediate_timesteps=1.3 if steps == 2 else None)
     err = np.abs(out.images - ref).max()
-    assert err < IMAGE_ATOL, f"runtime vs diffusers SanaSprintPipeline max abs {err}"
+    assert err < IMAGE_ATOL, f"runtime vs diffusers SanaSprintPipeline at {steps} steps: max abs {err}"
 
 
 def test_same_seed_same_image_different_seed_different(tiny_engines):
@@ -90,7 +99,7 @@ def test_tokenizer_matches_transformers(tiny, tiny_engines, prompt):
     from diffkiln.runtime.text import PromptTokenizer
 
     pipe = tiny.diffusers_pipeline()
-    tok = PromptTokenizer(tiny_engines / "tokenizer.json", 64, tiny.instruction)
+    tok = PromptTokenizer(tiny_engines / "tokenizer.json", 64, tiny.token_id("pad"), tiny.instruction)
     chi = "\n".join(tiny.instruction)
     n = len(pipe.tokenizer.encode(chi)) + 64 - 2
     ref = pipe.tokenizer([chi + prompt + PROMPT], padding="max_length", max_length=n, truncation=True,

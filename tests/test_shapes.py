@@ -98,11 +98,11 @@ def test_training_embeddings_are_the_runtime_ones(tiny_pipe):
     base = load_model("tiny-sana", submodels=("text_encoder",))
     prompts = ["a small red circle on the left, blue background", "a large white star at the top, black background"]
     emb, mask = caption_embeddings(base, prompts)
-    ref, ref_mask = tiny_pipe.encode_prompt(prompts, True, {})
+    ref, ref_mask = tiny_pipe.encode_text(prompts, True, {})
     np.testing.assert_allclose(emb, ref, atol=1e-5)
     np.testing.assert_array_equal(mask, ref_mask)
     neg, neg_mask = unconditional_embedding(base)
-    ref, ref_mask = tiny_pipe.encode_prompt([""], False, {})
+    ref, ref_mask = tiny_pipe.encode_text([""], False, {})
     np.testing.assert_allclose(neg, ref, atol=1e-5)
     np.testing.assert_array_equal(neg_mask, ref_mask)
 

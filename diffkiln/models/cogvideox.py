@@ -23,21 +23,12 @@ Three submodels, all float32 I/O (casts sit inside the graphs):
 from __future__ import annotations
 
 import contextlib
-import inspect
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.models.loading import (
-    GENERIC_CONFIG_KEYS,
-    check_request,
-    check_safetensors,
-    config_hash,
-    loaded,
-    read_json,
-)
+from diffkiln.models.base import Adapter, Component, FamilyModel, VideoPresetBase
 
 FAMILY = "cogvideox"
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")
@@ -140,16 +131,13 @@ TINY_WORDS = (
 ).split()
 
 
-@dataclass(frozen=True)
-class CogPreset:
+@dataclass(frozen=True, kw_only=True)
+class CogPreset(VideoPresetBase):
     """A named CogVideoX pipeline: component configs plus its diffusers pipeline's generation defaults."""
 
-    name: str
-    description: str
     transformer: dict
     vae: dict
     text_encoder: dict
-    scheduler: dict
     max_sequence_length: int = 226
     height: int = 480
     width: int = 720
@@ -157,17 +145,13 @@ class CogPreset:
     fps: int = 8
     steps: int = 50
     guidance_scale: float = 6.0
-    # ranges engines are built for: pixels per side, frames (4k+1), batch before CFG doubling
+    # ranges engines are built for: pixels per side, frames (1 + 8k), batch before CFG doubling
     min_pixels: int = 128
     max_pixels: int = 768
     min_frames: int = 5
     max_frames: int = 49
-    max_batch: int = 1
-    seed: int = 0
-    extra_vocab: tuple[str, ...] = field(default=())
     # parity shapes of the transformer export: (batch, latent_frames, latent_height, latent_width), traced first
     transformer_parity: tuple = ((2, 4, 16, 16), (1, 2, 16, 24))
-    family: str = FAMILY
 
 
 PRESETS: dict[str, CogPreset] = {
@@ -212,36 +196,6 @@ PRESETS: dict[str, CogPreset] = {
 }
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
-def get_preset(name: str) -> CogPreset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise DiffkilnError(f"Unknown preset {name!r}; available presets: {', '.join(PRESETS)}") from None
-
-
-def preset_rows() -> list[dict]:
-    """For `diffkiln presets`: parameter counts per module (meta device: no memory, no weights)."""
-    import torch
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
-
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    rows = []
-    for n, p in PRESETS.items():
-        with torch.device("meta"):
-            params = {
-                "transformer": count(CogVideoXTransformer3DModel(**p.transformer)),
-                "text_encoder": count(T5EncoderModel(T5Config(**p.text_encoder))),
-                "vae": count(AutoencoderKLCogVideoX(**p.vae)),
-            }
-        rows.append({"name": n, "family": FAMILY, "params": params, "description": p.description})
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------------
 # tokenizer
 
@@ -252,13 +206,6 @@ def build_t5_word_tokenizer(texts: list[str], vocab_size: int):
     from diffkiln.models.tokenizer import WORD, word_tokenizer
 
     return word_tokenizer((w for text in texts for w in WORD.findall(text.lower())), vocab_size, T5_SPECIALS, "$A </s>")
-
-
-def hf_t5_tokenizer(tokenizer):
-    """A `tokenizers.Tokenizer` wrapped as the transformers tokenizer diffusers' CogVideoXPipeline takes."""
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,23 +225,49 @@ def _check_supported(tconf: dict, where: str) -> None:
         raise DiffkilnError(f"{where}: ofs_embed_dim is set (image-to-video); not supported")
 
 
-@dataclass
-class CogVideoXModel:
+class CogVideoXModel(FamilyModel):
     """A CogVideoX pipeline's parts. Modules not asked for are None (T5-XXL is 19 GB in fp32)."""
 
-    name: str
-    source: str  # "preset" or the folder it was loaded from
-    preset: CogPreset
-    transformer_config: dict
-    vae_config: dict
-    text_encoder_config: dict
-    scheduler_config: dict
-    tokenizer: object  # tokenizers.Tokenizer
-    transformer: object = None
-    vae: object = None
-    text_encoder: object = None
-    weights_ids: dict = field(default_factory=dict)  # submodel -> weights digest (diffkiln.models.loading.loaded)
-    family: str = FAMILY
+    FAMILIES = PIPELINE_CLASSES
+    COMPONENTS = (
+        Component("text_encoder", "text_encoder", "transformers.T5EncoderModel", "transformers.T5Config"),
+        Component("transformer", "transformer", "diffusers.CogVideoXTransformer3DModel", seed_offset=1),
+        Component("vae", "vae_decoder", "diffusers.AutoencoderKLCogVideoX", seed_offset=2),
+    )
+    SPECIAL_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
+
+    @classmethod
+    def preset_tokenizer(cls, preset):
+        return build_t5_word_tokenizer([" ".join(preset.extra_vocab)], preset.text_encoder["vocab_size"])
+
+    @classmethod
+    def folder_preset(cls, folder, family, configs, scheduler):
+        t, v = configs["transformer"], configs["vae"]
+        f = 2 ** (len(v["block_out_channels"]) - 1)
+        stride = f * t.get("patch_size", 2)
+        h = max(stride, t.get("sample_height", 60) * f // stride * stride)
+        w = max(stride, t.get("sample_width", 90) * f // stride * stride)
+        comp = int(v.get("temporal_compression_ratio", 4))
+        frames = t.get("sample_frames", 49)
+        frames = max(1, 1 + (frames - 1) // (2 * comp) * 2 * comp)  # the 1 + 8k rule (see family_settings)
+        return CogPreset(name=folder.name, description=f"diffusers folder {folder}", transformer=t, vae=v,
+                         text_encoder=configs["text_encoder"], scheduler=scheduler,
+                         max_sequence_length=t.get("max_text_seq_length", 226), height=h, width=w, num_frames=frames,
+                         min_pixels=max(stride, min(h, w) // 2 // stride * stride), max_pixels=max(h, w),
+                         min_frames=min(frames, 1 + 2 * comp), max_frames=frames,
+                         transformer_parity=((1, cls._latent(frames, comp), h // f, w // f),
+                                             (1, 1, h // f, w // f)))
+
+    @staticmethod
+    def _latent(frames: int, comp: int) -> int:
+        return (frames - 1) // comp + 1
+
+    def check_config(self, where: str) -> None:
+        _check_supported(self.transformer_config, where)
+
+    def nearest_frames(self, n: int, preset) -> int:
+        m = 2 * self.temporal_compression
+        return max(preset.min_frames, 1 + (n - 1) // m * m)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -311,14 +284,6 @@ class CogVideoXModel:
     def latent_frames(self, frames: int) -> int:
         return (frames - 1) // self.temporal_compression + 1
 
-    def config_hash(self) -> str:
-        """Hash of the effective configs (defaults filled), equal for a preset and its saved folder."""
-        import diffusers
-        from transformers import T5Config
-
-        return config_hash(FAMILY, (diffusers.CogVideoXTransformer3DModel, self.transformer_config), (diffusers.AutoencoderKLCogVideoX, self.vae_config),
-                           T5Config(**self.text_encoder_config), self.scheduler_config)
-
     def cache_layout(self) -> list[tuple[int, int]]:
         """(channels, spatial scale vs the latent) of each conv-cache slot of the VAE decode step, in order."""
         return vae_cache_layout(self.vae_config)
@@ -327,141 +292,29 @@ class CogVideoXModel:
         """Conv-cache floats per latent pixel (h * w) and batch entry: the flat cache has this * h * w entries."""
         return sum(c * CACHE_FRAMES * s * s for c, s in self.cache_layout())
 
-    def pipeline_settings(self) -> dict:
-        """Everything the runtime needs besides the engines, the tokenizer and the scheduler config."""
+    def family_settings(self) -> dict:
         p, t, f = self.preset, self.transformer_config, self.vae_scale_factor
         return {
-            "family": FAMILY,
-            "max_sequence_length": p.max_sequence_length,
             "latent_channels": t["in_channels"],
             "vae_scale_factor": f,
             "temporal_compression": self.temporal_compression,
-            "pixel_stride": self.pixel_stride,
             "vae_scaling_factor": self.vae_config.get("scaling_factor", 1.15258426),
             "vae_cache_per_latent_pixel": self.cache_per_latent_pixel(),
-            "min_pixels": p.min_pixels,
-            "max_pixels": p.max_pixels,
-            "max_batch": p.max_batch,
             # 1 + 8k frames: the VAE decodes latent frames in pairs after an odd first chunk, so an even number of
             # latent frames (13, 21, ... video frames) would come back as 3 frames more than asked (diffusers does that)
             "frames": {"min": p.min_frames, "max": p.max_frames, "multiple": 2 * self.temporal_compression, "offset": 1},
             # TensorRT profiles: the "opt" point of the dims that are not batch or resolution
             "opt_dims": {"latent_frames": self.latent_frames(p.num_frames), "chunk_frames": 2,
                          "cache_numel": self.cache_per_latent_pixel() * (p.height // f) * (p.width // f)},
-            "defaults": {
-                "height": p.height,
-                "width": p.width,
-                "num_frames": p.num_frames,
-                "fps": p.fps,
-                "num_inference_steps": p.steps,
-                "guidance_scale": p.guidance_scale,
-                "use_dynamic_cfg": False,
-            },
+            "defaults": {"use_dynamic_cfg": False},
         }
 
     def submodels(self, names=None) -> dict:
         return cogvideox_submodels(self, names)
 
-    def diffusers_pipeline(self):
-        """diffusers' CogVideoXPipeline over the same modules (the reference the runtime must reproduce)."""
-        import diffusers
 
-        return diffusers.CogVideoXPipeline(
-            tokenizer=hf_t5_tokenizer(self.tokenizer),
-            text_encoder=self.text_encoder,
-            vae=self.vae,
-            transformer=self.transformer,
-            scheduler=diffusers.CogVideoXDDIMScheduler.from_config(self.scheduler_config),
-        )
-
-
-# ---------------------------------------------------------------------------------------------------
-# loading
-
-
-def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") -> CogVideoXModel:
-    """A preset name or a local diffusers folder -> CogVideoXModel with the requested modules built/loaded."""
-    folder, tdtype = check_request(source, submodels, SUBMODELS, dtype)
-    if folder is not None:
-        return _load_folder(folder, submodels, tdtype)
-    preset = get_preset(str(source))
-    _check_supported(preset.transformer, f"preset {preset.name}")
-    model = CogVideoXModel(
-        name=preset.name,
-        source="preset",
-        preset=preset,
-        transformer_config=dict(preset.transformer),
-        vae_config=dict(preset.vae),
-        text_encoder_config=dict(preset.text_encoder),
-        scheduler_config=dict(preset.scheduler),
-        tokenizer=build_t5_word_tokenizer([" ".join(preset.extra_vocab)], preset.text_encoder["vocab_size"]),
-    )
-    _build_modules(model, submodels, tdtype, preset.seed)
-    return model
-
-
-def _build_modules(model: CogVideoXModel, submodels, dtype, seed: int) -> None:
-    """Seeded random weights; each module has its own seed so that building a subset gives the same weights."""
-    import torch
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
-
-    if "text_encoder" in submodels:
-        torch.manual_seed(seed)
-        model.text_encoder = loaded(model, "text_encoder", T5EncoderModel(T5Config(**model.text_encoder_config)), dtype)
-    if "transformer" in submodels:
-        torch.manual_seed(seed + 1)
-        model.transformer = loaded(model, "transformer", CogVideoXTransformer3DModel(**model.transformer_config), dtype)
-    if "vae_decoder" in submodels:
-        torch.manual_seed(seed + 2)
-        model.vae = loaded(model, "vae_decoder", AutoencoderKLCogVideoX(**model.vae_config), dtype)
-
-
-def _load_folder(folder: Path, submodels, dtype) -> CogVideoXModel:
-    """A diffusers CogVideoXPipeline folder (safetensors weights, a fast tokenizer.json)."""
-    from tokenizers import Tokenizer
-    from transformers import T5Config
-
-    index = read_json(folder / "model_index.json")
-    cls = index.get("_class_name")
-    if cls not in PIPELINE_CLASSES:
-        raise DiffkilnError(f"{folder}: pipeline class {cls!r} is not supported; expected one of {list(PIPELINE_CLASSES)}")
-    tconf = {k: v for k, v in read_json(folder / "transformer" / "config.json").items() if not k.startswith("_")}
-    _check_supported(tconf, str(folder))
-    vconf = {k: v for k, v in read_json(folder / "vae" / "config.json").items() if not k.startswith("_")}
-    params = inspect.signature(T5Config.__init__).parameters
-    teconf = {k: v for k, v in read_json(folder / "text_encoder" / "config.json").items()
-              if k in params and k not in GENERIC_CONFIG_KEYS}
-    sconf = read_json(folder / "scheduler" / "scheduler_config.json")
-    if sconf.get("_class_name") != "CogVideoXDDIMScheduler":
-        raise DiffkilnError(f"{folder}: scheduler {sconf.get('_class_name')!r} is not supported; expected CogVideoXDDIMScheduler")
-    tok_file = folder / "tokenizer" / "tokenizer.json"
-    if not tok_file.is_file():
-        raise DiffkilnError(f"{folder}: tokenizer/tokenizer.json is missing (a fast tokenizer file is required)")
-    f = 2 ** (len(vconf["block_out_channels"]) - 1)
-    frames = tconf.get("sample_frames", 49)
-    preset = CogPreset(
-        name=folder.name, description=f"diffusers folder {folder}", transformer=tconf, vae=vconf, text_encoder=teconf,
-        scheduler=sconf, max_sequence_length=tconf.get("max_text_seq_length", 226),
-        height=tconf.get("sample_height", 60) * f, width=tconf.get("sample_width", 90) * f, num_frames=frames,
-        max_frames=frames,
-    )
-    model = CogVideoXModel(name=folder.name, source=str(folder.resolve()), preset=preset, transformer_config=tconf,
-                           vae_config=vconf, text_encoder_config=teconf, scheduler_config=sconf,
-                           tokenizer=Tokenizer.from_file(str(tok_file)))
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-    from transformers import T5EncoderModel
-
-    loaders = {
-        "transformer": ("transformer", lambda p: CogVideoXTransformer3DModel.from_pretrained(p, use_safetensors=True)),
-        "vae_decoder": ("vae", lambda p: AutoencoderKLCogVideoX.from_pretrained(p, use_safetensors=True)),
-        "text_encoder": ("text_encoder", lambda p: T5EncoderModel.from_pretrained(p, use_safetensors=True)),
-    }
-    for sub in submodels:
-        attr, load = loaders[sub]
-        check_safetensors(folder / attr)
-        setattr(model, attr, loaded(model, sub, load(str(folder / attr)), dtype))
-    return model
+ADAPTER = Adapter(CogVideoXModel, PRESETS)
+load_model = ADAPTER.load_model  # the Python API: a preset name or a folder -> the model object
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ diffusers configs of the Sana checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from diffkiln.errors import DiffkilnError
+from diffkiln.models.base import PresetBase
 
 # DC-AE f32c32 as used by Sana 1.0 (AutoencoderDC); scale factor 32.
 DCAE_F32C32 = dict(
@@ -93,28 +94,21 @@ def sana_transformer(heads: int, layers: int, cross_heads: int, cross_head_dim: 
     )
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A named pipeline: component configs plus the generation defaults of its diffusers pipeline."""
+@dataclass(frozen=True, kw_only=True)
+class Preset(PresetBase):
+    """A named Sana / SANA-Sprint pipeline: component configs plus the generation defaults of its diffusers pipeline."""
 
-    name: str
-    description: str
     family: str  # "sana" (SanaPipeline) | "sana-sprint" (SanaSprintPipeline)
     transformer: dict
     vae: dict
     text_encoder: dict
-    scheduler: dict
-    max_sequence_length: int = 300
     height: int = 1024
     width: int = 1024
     steps: int = 20
     guidance_scale: float = 4.5
-    # Shape ranges engines are built for, in pixels, and the largest batch before CFG doubling.
     min_pixels: int = 512
     max_pixels: int = 2048
     max_batch: int = 2
-    seed: int = 0
-    extra_vocab: tuple[str, ...] = field(default=())
     # Trained transformer + DC-AE weights: a safetensors file in diffkiln/models/weights/ (keys prefixed
     # "transformer." and "vae."). None: seeded random weights. The text encoder is always seeded random.
     weights: str | None = None

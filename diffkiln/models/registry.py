@@ -1,16 +1,7 @@
 """Which adapter handles a model: by preset name or by a diffusers folder's pipeline class.
 
-An adapter is a module under `diffkiln.models` exposing
-    SUBMODELS: tuple[str, ...]                 submodel names it can export, in pipeline order
-    PIPELINE_CLASSES: dict[str, str]           diffusers pipeline class name -> family
-    preset_names() -> list[str]                its built-in presets
-    preset_rows() -> list[dict]                for `diffkiln presets`: name, family, params (M) per module, description
-    load_model(source, submodels, dtype)       preset name | folder -> model object
-and its model objects expose
-    name, source, family, tokenizer (tokenizers.Tokenizer), scheduler_config (dict)
-    config_hash() -> str, pipeline_settings() -> dict (pipeline.json), submodels(names) -> {name: Submodel},
-    diffusers_pipeline() -> the diffusers pipeline over the same modules (the eager reference),
-    weights_ids: {submodel: digest} of the weights as loaded (diffkiln.models.identity; optional).
+Each family module under `diffkiln.models` defines `ADAPTER`, a `diffkiln.models.base.Adapter` over its model class
+(a `FamilyModel`: the contract is enforced there); adding a family is that module plus one line in `ADAPTERS`.
 Adapters import torch / diffusers lazily, so listing presets stays cheap.
 """
 
@@ -35,10 +26,12 @@ def adapters() -> list:
     out = []
     for name in ADAPTERS:
         try:
-            out.append(importlib.import_module(name))
+            mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
+            continue
+        out.append(getattr(mod, "ADAPTER", mod))
     return out
 
 
@@ -67,10 +60,17 @@ def adapter_for(source: str | Path):
     raise DiffkilnError(f"Unknown preset {str(source)!r}; available presets: {', '.join(names)}")
 
 
-def load_model(source: str | Path, submodels=None, dtype: str = "float32"):
-    """A preset name or a local diffusers folder -> the adapter's model object with those submodels built."""
+def load_model(source: str | Path, submodels=None, dtype: str = "float32", ranges: dict | None = None):
+    """A preset name or a local diffusers folder -> the adapter's model object with those submodels built.
+    `ranges`: user-declared shape ranges (min_size, max_size, max_batch, min_frames, max_frames), see
+    `diffkiln.models.base.FamilyModel.with_ranges`."""
     mod = adapter_for(source)
-    return mod.load_model(source, tuple(submodels) if submodels else mod.SUBMODELS, dtype=dtype)
+    if hasattr(mod, "model_cls"):
+        return mod.load_model(source, tuple(submodels) if submodels else mod.SUBMODELS, dtype=dtype, ranges=ranges)
+    model = mod.load_model(source, tuple(submodels) if submodels else mod.SUBMODELS, dtype=dtype)
+    if ranges:
+        raise DiffkilnError(f"shape ranges are not supported for {model.family} yet")
+    return model
 
 
 def all_submodel_names() -> tuple[str, ...]:

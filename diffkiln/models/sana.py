@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.fileio import atomic_write_json
-from diffkiln.models.loading import (
-    GENERIC_CONFIG_KEYS,
-    check_request,
-    check_safetensors,
-    config_hash,
-    loaded,
-    read_json,
-)
-from diffkiln.models.presets import Preset, get_preset
+from diffkiln.models.base import Adapter, Component, FamilyModel
+from diffkiln.models.presets import PRESETS, Preset
 from diffkiln.models.tokenizer import build_word_tokenizer
 
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")
 PIPELINE_CLASSES = {"SanaPipeline": "sana", "SanaSprintPipeline": "sana-sprint"}
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # trained weights of presets that have them (safetensors)
-# Generation defaults diffusers keeps in pipeline call arguments, saved beside a folder by `save_pretrained`.
-SETTINGS_FILE = "diffkiln.json"
-GENERATION_FIELDS = ("max_sequence_length", "height", "width", "steps", "guidance_scale", "min_pixels", "max_pixels", "max_batch")
 
 
 def default_instruction(family: str) -> list[str]:
@@ -38,46 +26,61 @@ def default_instruction(family: str) -> list[str]:
     return list(inspect.signature(cls.__call__).parameters["complex_human_instruction"].default)
 
 
-def preset_names() -> list[str]:
-    from diffkiln.models.presets import PRESETS
-
-    return list(PRESETS)
-
-
-def preset_rows() -> list[dict]:
-    """For `diffkiln presets`: parameter counts per module (meta device: no memory, no weights)."""
-    from diffkiln.models.presets import PRESETS
-    from diffkiln.models.sizes import preset_sizes
-
-    return [{"name": n, "family": p.family, "params": preset_sizes(p), "description": p.description}
-            for n, p in PRESETS.items()]
-
-
 def pipeline_class(family: str):
     import diffusers
 
     return diffusers.SanaSprintPipeline if family == "sana-sprint" else diffusers.SanaPipeline
 
 
-@dataclass
-class SanaModel:
+# Sana's families share the Gemma2 text encoder (eager attention: one code path for export and reference) and
+# the Gemma special-token layout of their tokenizers.
+GEMMA2_TEXT = Component("text_encoder", "text_encoder", "transformers.Gemma2Model", "transformers.Gemma2Config", 0,
+                        (("attn_implementation", "eager"),))
+GEMMA_TOKENS = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
+
+
+class SanaModel(FamilyModel):
     """A Sana pipeline's parts. Modules not asked for are None (big text encoders cost 10 GB in fp32)."""
 
-    name: str
-    source: str  # "preset" or the folder it was loaded from
-    family: str
-    preset: Preset  # generation defaults and shape ranges
-    transformer_config: dict
-    vae_config: dict
-    text_encoder_config: dict
-    scheduler_config: dict
-    tokenizer: object  # tokenizers.Tokenizer
-    transformer: object = None
-    vae: object = None
-    text_encoder: object = None
-    # submodel -> digest of its weights as loaded (diffkiln.models.identity): engine directories and
-    # calibrations record it, and artifacts made from other weights of the same architecture are refused
-    weights_ids: dict = field(default_factory=dict)
+    FAMILIES = PIPELINE_CLASSES
+    COMPONENTS = (
+        GEMMA2_TEXT,
+        Component("transformer", "transformer", "diffusers.SanaTransformer2DModel", seed_offset=1),
+        Component("vae", "vae_decoder", "diffusers.AutoencoderDC", seed_offset=2),
+    )
+    SPECIAL_TOKENS = GEMMA_TOKENS
+
+    @classmethod
+    def preset_tokenizer(cls, preset):
+        return build_word_tokenizer(default_instruction(preset.family) + [" ".join(preset.extra_vocab)],
+                                    preset.text_encoder["vocab_size"])
+
+    @classmethod
+    def folder_preset(cls, folder, family, configs, scheduler):
+        t, v = configs["transformer"], configs["vae"]
+        stride = 2 ** (len(v["encoder_block_out_channels"]) - 1) * t.get("patch_size", 1)
+        native = max(stride, t.get("sample_size", 32) * stride)
+        return Preset(name=folder.name, description=f"diffusers folder {folder}", family=family, transformer=t, vae=v,
+                      text_encoder=configs["text_encoder"], scheduler=scheduler, height=native, width=native,
+                      steps=2 if family == "sana-sprint" else 20, min_pixels=max(stride, native // 2 // stride * stride),
+                      max_pixels=native * 2)
+
+    @classmethod
+    def check_scheduler(cls, config: dict, where: str) -> None:
+        """Sana predicts flow; SANA-Sprint is an sCM (TrigFlow) model: refuse pairings that sample garbage."""
+        name = config.get("_class_name")
+        flow = name == "FlowMatchEulerDiscreteScheduler" or (
+            name == "DPMSolverMultistepScheduler" and config.get("prediction_type") == "flow_prediction"
+            and config.get("use_flow_sigmas"))
+        if name == "SCMScheduler" or flow:
+            return
+        raise DiffkilnError(f"{where}: {name} with prediction_type={config.get('prediction_type')!r}; Sana predicts flow: "
+                            "expected SCMScheduler (SANA-Sprint), FlowMatchEulerDiscreteScheduler, or "
+                            "DPMSolverMultistepScheduler with prediction_type='flow_prediction' and use_flow_sigmas=true")
+
+    def prepare_modules(self, modules: dict) -> None:
+        if self.preset.weights and modules:
+            _load_preset_weights(self, {k: m for k, m in modules.items() if k != "text_encoder"})
 
     @property
     def vae_scale_factor(self) -> int:
@@ -97,88 +100,27 @@ class SanaModel:
         n_chi = len(self.tokenizer.encode("\n".join(self.instruction)).ids)
         return n_chi + self.preset.max_sequence_length - 2
 
-    def config_hash(self) -> str:
-        """Hash of the effective configs (defaults filled), equal for a preset and its saved folder."""
-        import diffusers
-        from transformers import Gemma2Config
-
-        return config_hash(self.family, (diffusers.SanaTransformer2DModel, self.transformer_config), (diffusers.AutoencoderDC, self.vae_config),
-                           Gemma2Config(**self.text_encoder_config), self.scheduler_config)
-
     def submodels(self, names=None) -> dict:
         """Export-friendly wrappers with their I/O specs (see `diffkiln.models.submodels`)."""
         from diffkiln.models.submodels import sana_submodels
 
         return sana_submodels(self, names)
 
-    def pipeline_settings(self) -> dict:
-        """Everything the runtime needs besides the engines, the tokenizer and the scheduler config."""
-        p, t = self.preset, self.transformer_config
+    def family_settings(self) -> dict:
+        t = self.transformer_config
         return {
-            "family": self.family,
-            "max_sequence_length": p.max_sequence_length,
             "complex_human_instruction": self.instruction,
             "latent_channels": t["in_channels"],
             "learned_sigma": t.get("out_channels", t["in_channels"]) // 2 == t["in_channels"],
             "vae_scale_factor": self.vae_scale_factor,
-            "pixel_stride": self.pixel_stride,
             "vae_scaling_factor": self.vae_config.get("scaling_factor", 1.0),
             "timestep_scale": t.get("timestep_scale", 1.0),
             "guidance_embeds_scale": t.get("guidance_embeds_scale", 0.1) if t.get("guidance_embeds") else None,
-            "min_pixels": p.min_pixels,
-            "max_pixels": p.max_pixels,
-            "max_batch": p.max_batch,
-            "defaults": {
-                "height": p.height,
-                "width": p.width,
-                "num_inference_steps": p.steps,
-                "guidance_scale": p.guidance_scale,
-            },
         }
 
-    def diffusers_pipeline(self):
-        """The diffusers pipeline over the same modules (the reference the runtime must reproduce)."""
-        import diffusers
 
-        from diffkiln.models.tokenizer import hf_tokenizer
-
-        sched_cls = getattr(diffusers, self.scheduler_config["_class_name"])
-        return pipeline_class(self.family)(
-            tokenizer=hf_tokenizer(self.tokenizer),
-            text_encoder=self.text_encoder,
-            vae=self.vae,
-            transformer=self.transformer,
-            scheduler=sched_cls.from_config(self.scheduler_config),
-        )
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write a diffusers-format folder (model_index.json + subfolders, safetensors weights)."""
-        self.diffusers_pipeline().save_pretrained(str(folder), safe_serialization=True)
-        p = self.preset
-        atomic_write_json(Path(folder) / SETTINGS_FILE, {k: getattr(p, k) for k in GENERATION_FIELDS})
-
-
-def _build_modules(model: SanaModel, submodels, dtype, seed: int) -> None:
-    import torch
-    from diffusers import AutoencoderDC, SanaTransformer2DModel
-    from transformers import Gemma2Config, Gemma2Model
-
-    # Each module gets its own seed so that building a subset gives the same weights.
-    if "text_encoder" in submodels:
-        torch.manual_seed(seed)
-        cfg = Gemma2Config(**model.text_encoder_config, attn_implementation="eager")
-        model.text_encoder = loaded(model, "text_encoder", Gemma2Model(cfg), dtype)
-    built = {}
-    if "transformer" in submodels:
-        torch.manual_seed(seed + 1)
-        built["transformer"] = SanaTransformer2DModel(**model.transformer_config)
-    if "vae_decoder" in submodels:
-        torch.manual_seed(seed + 2)
-        built["vae"] = AutoencoderDC(**model.vae_config)
-    if built and model.preset.weights:
-        _load_preset_weights(model, built)
-    for attr, module in built.items():
-        setattr(model, attr, loaded(model, {"transformer": "transformer", "vae": "vae_decoder"}[attr], module, dtype))
+ADAPTER = Adapter(SanaModel, PRESETS)
+load_model = ADAPTER.load_model  # the Python API: a preset name or a folder -> the model object
 
 
 def preset_weights_path(preset: Preset) -> Path:
@@ -210,99 +152,3 @@ def _load_preset_weights(model: SanaModel, modules: dict) -> None:
         module.load_state_dict(state, strict=True)
 
 
-def _preset_tokenizer(preset: Preset):
-    return build_word_tokenizer(
-        default_instruction(preset.family) + [" ".join(preset.extra_vocab)], preset.text_encoder["vocab_size"]
-    )
-
-
-def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") -> SanaModel:
-    """A preset name or a local diffusers folder -> SanaModel with the requested modules built/loaded."""
-    folder, tdtype = check_request(source, submodels, SUBMODELS, dtype)
-    if folder is not None:
-        return _load_folder(folder, submodels, tdtype)
-    preset = get_preset(str(source))
-    model = SanaModel(
-        name=preset.name,
-        source="preset",
-        family=preset.family,
-        preset=preset,
-        transformer_config=dict(preset.transformer),
-        vae_config=dict(preset.vae),
-        text_encoder_config=dict(preset.text_encoder),
-        scheduler_config=dict(preset.scheduler),
-        tokenizer=_preset_tokenizer(preset),
-    )
-    _build_modules(model, submodels, tdtype, preset.seed)
-    return model
-
-
-def _load_folder(folder: Path, submodels, dtype) -> SanaModel:
-    from tokenizers import Tokenizer
-
-    index = read_json(folder / "model_index.json")
-    cls = index.get("_class_name")
-    if cls not in PIPELINE_CLASSES:
-        raise DiffkilnError(f"{folder}: pipeline class {cls!r} is not supported; expected one of {list(PIPELINE_CLASSES)}")
-    family = PIPELINE_CLASSES[cls]
-    tconf = {k: v for k, v in read_json(folder / "transformer" / "config.json").items() if not k.startswith("_")}
-    vconf = {k: v for k, v in read_json(folder / "vae" / "config.json").items() if not k.startswith("_")}
-    teconf = {
-        k: v
-        for k, v in read_json(folder / "text_encoder" / "config.json").items()
-        if k in inspect.signature(_gemma2_config_cls().__init__).parameters and k not in GENERIC_CONFIG_KEYS
-    }
-    sconf = read_json(folder / "scheduler" / "scheduler_config.json")
-    tok_file = folder / "tokenizer" / "tokenizer.json"
-    if not tok_file.is_file():
-        raise DiffkilnError(f"{folder}: tokenizer/tokenizer.json is missing (a fast tokenizer file is required)")
-    stride = 2 ** (len(vconf["encoder_block_out_channels"]) - 1) * tconf.get("patch_size", 1)
-    native = tconf.get("sample_size", 32) * stride
-    settings = dict(height=native, width=native, steps=2 if family == "sana-sprint" else 20,
-                    min_pixels=max(stride, native // 2), max_pixels=native * 2)
-    if (folder / SETTINGS_FILE).is_file():
-        saved = read_json(folder / SETTINGS_FILE)
-        settings.update({k: v for k, v in saved.items() if k in GENERATION_FIELDS})
-    preset = Preset(
-        name=folder.name,
-        description=f"diffusers folder {folder}",
-        family=family,
-        transformer=tconf,
-        vae=vconf,
-        text_encoder=teconf,
-        scheduler=sconf,
-        **settings,
-    )
-    model = SanaModel(
-        name=folder.name,
-        source=str(folder.resolve()),
-        family=family,
-        preset=preset,
-        transformer_config=tconf,
-        vae_config=vconf,
-        text_encoder_config=teconf,
-        scheduler_config=sconf,
-        tokenizer=Tokenizer.from_file(str(tok_file)),
-    )
-    from diffusers import AutoencoderDC, SanaTransformer2DModel
-    from transformers import Gemma2Model
-
-    loaders = {
-        "transformer": ("transformer", lambda p: SanaTransformer2DModel.from_pretrained(p, use_safetensors=True)),
-        "vae_decoder": ("vae", lambda p: AutoencoderDC.from_pretrained(p, use_safetensors=True)),
-        "text_encoder": (
-            "text_encoder",
-            lambda p: Gemma2Model.from_pretrained(p, use_safetensors=True, attn_implementation="eager"),
-        ),
-    }
-    for sub in submodels:
-        attr, load = loaders[sub]
-        check_safetensors(folder / attr)
-        setattr(model, attr, loaded(model, sub, load(str(folder / attr)), dtype))
-    return model
-
-
-def _gemma2_config_cls():
-    from transformers import Gemma2Config
-
-    return Gemma2Config

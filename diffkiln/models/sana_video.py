@@ -12,29 +12,18 @@ by one step whatever the video length (see `WanDecodeStep`); the runtime loops o
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.fileio import atomic_write_json
 from diffkiln.manifest import SubmodelSpec, TensorSpec
-from diffkiln.models.loading import (
-    GENERIC_CONFIG_KEYS,
-    check_request,
-    check_safetensors,
-    config_hash,
-    loaded,
-    read_json,
-)
+from diffkiln.models.base import Adapter, Component, FamilyModel, VideoPresetBase
+from diffkiln.models.sana import GEMMA2_TEXT, GEMMA_TOKENS
 
 FAMILY = "sana-video"
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")
 PIPELINE_CLASSES = {"SanaVideoPipeline": FAMILY}
-SETTINGS_FILE = "diffkiln.json"
-GENERATION_FIELDS = ("max_sequence_length", "height", "width", "num_frames", "fps", "steps", "guidance_scale",
-                     "min_pixels", "max_pixels", "max_frames", "max_batch")
 TEMPORAL_STRIDE = 4  # the Wan 2.1 VAE: 1 + 4k frames <-> 1 + k latent frames
 CACHE_FRAMES = 2  # frames a causal convolution (time kernel 3) keeps from earlier steps
 
@@ -68,16 +57,13 @@ def _flow_dpm(shift: float) -> dict:
     return {**FLOW_DPM, "flow_shift": shift}
 
 
-@dataclass(frozen=True)
-class VideoPreset:
+@dataclass(frozen=True, kw_only=True)
+class VideoPreset(VideoPresetBase):
     """A named Sana-Video pipeline: component configs, generation defaults, the shape ranges engines take."""
 
-    name: str
-    description: str
     transformer: dict
     vae: dict
     text_encoder: dict
-    scheduler: dict
     max_sequence_length: int = 300
     height: int = 480
     width: int = 832
@@ -88,10 +74,6 @@ class VideoPreset:
     min_pixels: int = 128  # smallest side, pixels
     max_pixels: int = 896  # largest side, pixels (the 480p aspect-ratio bins reach 896)
     max_frames: int = 81
-    max_batch: int = 1  # videos per call before CFG doubling
-    seed: int = 0
-    extra_vocab: tuple[str, ...] = field(default=())
-    family: str = FAMILY
 
 
 def _presets() -> dict[str, VideoPreset]:
@@ -115,34 +97,6 @@ def _presets() -> dict[str, VideoPreset]:
     ]}
 
 
-def preset_names() -> list[str]:
-    return list(_presets())
-
-
-def get_preset(name: str) -> VideoPreset:
-    presets = _presets()
-    if name not in presets:
-        raise DiffkilnError(f"Unknown preset {name!r}; available presets: {', '.join(presets)}")
-    return presets[name]
-
-
-def preset_rows() -> list[dict]:
-    """For `diffkiln presets`: parameter counts per module (meta device: no memory, no weights)."""
-    import torch
-    from diffusers import AutoencoderKLWan, SanaVideoTransformer3DModel
-    from transformers import Gemma2Config, Gemma2Model
-
-    count = lambda m: sum(p.numel() for p in m.parameters())
-    rows = []
-    for p in _presets().values():
-        with torch.device("meta"):
-            params = {"transformer": count(SanaVideoTransformer3DModel(**p.transformer)),
-                      "text_encoder": count(Gemma2Model(Gemma2Config(**p.text_encoder))),
-                      "vae": count(AutoencoderKLWan(**p.vae))}
-        rows.append({"name": p.name, "family": FAMILY, "params": params, "description": p.description})
-    return rows
-
-
 def default_instruction() -> list[str]:
     """The complex human instruction SanaVideoPipeline prepends to prompts by default."""
     import diffusers
@@ -150,23 +104,50 @@ def default_instruction() -> list[str]:
     return list(inspect.signature(diffusers.SanaVideoPipeline.__call__).parameters["complex_human_instruction"].default)
 
 
-@dataclass
-class SanaVideoModel:
+class SanaVideoModel(FamilyModel):
     """A Sana-Video pipeline's parts. Modules not asked for are None."""
 
-    name: str
-    source: str  # "preset" or the folder it was loaded from
-    preset: VideoPreset
-    transformer_config: dict
-    vae_config: dict
-    text_encoder_config: dict
-    scheduler_config: dict
-    tokenizer: object  # tokenizers.Tokenizer
-    transformer: object = None
-    vae: object = None
-    text_encoder: object = None
-    weights_ids: dict = field(default_factory=dict)  # submodel -> weights digest (diffkiln.models.loading.loaded)
-    family: str = FAMILY
+    FAMILIES = PIPELINE_CLASSES
+    COMPONENTS = (
+        GEMMA2_TEXT,
+        Component("transformer", "transformer", "diffusers.SanaVideoTransformer3DModel", seed_offset=1),
+        Component("vae", "vae_decoder", "diffusers.AutoencoderKLWan", seed_offset=2),
+    )
+    SPECIAL_TOKENS = GEMMA_TOKENS
+
+    @classmethod
+    def preset_tokenizer(cls, preset):
+        from diffkiln.models.tokenizer import build_word_tokenizer
+
+        return build_word_tokenizer(default_instruction() + [" ".join(preset.extra_vocab)],
+                                    preset.text_encoder["vocab_size"])
+
+    @classmethod
+    def folder_preset(cls, folder, family, configs, scheduler):
+        t, v = configs["transformer"], configs["vae"]
+        f = v.get("scale_factor_spatial") or 8
+        stride = f * max(tuple(t.get("patch_size", (1, 2, 2)))[1:])
+        native = max(stride, (t.get("sample_size") or 30) * f // stride * stride)
+        return VideoPreset(name=folder.name, description=f"diffusers folder {folder}", transformer=t, vae=v,
+                           text_encoder=configs["text_encoder"], scheduler=scheduler, height=native, width=native,
+                           min_pixels=max(stride, native // 2 // stride * stride), max_pixels=native * 2)
+
+    @classmethod
+    def check_scheduler(cls, config: dict, where: str) -> None:
+        """The transformer predicts flow: a DPM-Solver / UniPC config without flow sigmas would sample garbage."""
+        if config.get("_class_name") == "DPMSolverMultistepScheduler" and (
+                config.get("prediction_type") != "flow_prediction" or not config.get("use_flow_sigmas")):
+            raise DiffkilnError(
+                f"{where}: DPMSolverMultistepScheduler with prediction_type={config.get('prediction_type')!r}, "
+                f"use_flow_sigmas={config.get('use_flow_sigmas')!r}; Sana-Video predicts flow: expected "
+                "prediction_type='flow_prediction' and use_flow_sigmas=true, or FlowMatchEulerDiscreteScheduler")
+
+    def check_config(self, where: str) -> None:
+        _check_vae(self.vae_config)
+
+    def nearest_frames(self, n: int, preset) -> int:
+        m = self.vae_scale_factor_temporal
+        return max(1, 1 + (n - 1) // m * m)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -196,7 +177,8 @@ class SanaVideoModel:
 
     @property
     def latent_frames(self) -> tuple[int, int]:
-        return 1, (self.preset.max_frames - 1) // self.vae_scale_factor_temporal + 1
+        m = self.vae_scale_factor_temporal
+        return (self.preset.min_frames - 1) // m + 1, (self.preset.max_frames - 1) // m + 1
 
     def latents_stats(self) -> tuple[list[float], list[float]]:
         import diffusers
@@ -204,67 +186,29 @@ class SanaVideoModel:
         params = inspect.signature(diffusers.AutoencoderKLWan.__init__).parameters
         return tuple(list(self.vae_config.get(k, params[k].default)) for k in ("latents_mean", "latents_std"))
 
-    def config_hash(self) -> str:
-        """Hash of the effective configs (defaults filled), equal for a preset and its saved folder."""
-        import diffusers
-        from transformers import Gemma2Config
-
-        return config_hash(self.family, (diffusers.SanaVideoTransformer3DModel, self.transformer_config), (diffusers.AutoencoderKLWan, self.vae_config),
-                           Gemma2Config(**self.text_encoder_config), self.scheduler_config)
-
     def submodels(self, names=None) -> dict:
         return sana_video_submodels(self, names)
 
-    def pipeline_settings(self) -> dict:
-        """Everything the runtime needs besides the engines, the tokenizer and the scheduler config."""
+    def family_settings(self) -> dict:
         p, t = self.preset, self.transformer_config
         mean, std = self.latents_stats()
         return {
-            "family": self.family,
-            "max_sequence_length": p.max_sequence_length,
             "complex_human_instruction": self.instruction,
             "latent_channels": t["in_channels"],
             "learned_sigma": (t.get("out_channels") or t["in_channels"]) // 2 == t["in_channels"],
             "vae_scale_factor": self.vae_scale_factor,
             "vae_scale_factor_temporal": self.vae_scale_factor_temporal,
-            "pixel_stride": self.pixel_stride,
             "latents_mean": mean,
             "latents_std": std,
-            "min_pixels": p.min_pixels,
-            "max_pixels": p.max_pixels,
-            "max_batch": p.max_batch,
-            "frames": {"min": 1, "max": p.max_frames, "multiple": self.vae_scale_factor_temporal, "offset": 1},
+            "frames": {"min": p.min_frames, "max": p.max_frames, "multiple": self.vae_scale_factor_temporal,
+                       "offset": 1},
             # TensorRT profiles' opt point for the transformer's latent frames: the default video length
             "opt_dims": {"latent_frames": (p.num_frames - 1) // self.vae_scale_factor_temporal + 1},
-            "defaults": {
-                "height": p.height,
-                "width": p.width,
-                "num_frames": p.num_frames,
-                "fps": p.fps,
-                "num_inference_steps": p.steps,
-                "guidance_scale": p.guidance_scale,
-            },
         }
 
-    def diffusers_pipeline(self):
-        """diffusers' SanaVideoPipeline over the same modules (the reference the runtime reproduces)."""
-        import diffusers
 
-        from diffkiln.models.tokenizer import hf_tokenizer
-
-        sched_cls = getattr(diffusers, self.scheduler_config["_class_name"])
-        return diffusers.SanaVideoPipeline(
-            tokenizer=hf_tokenizer(self.tokenizer),
-            text_encoder=self.text_encoder,
-            vae=self.vae,
-            transformer=self.transformer,
-            scheduler=sched_cls.from_config(self.scheduler_config),
-        )
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write a diffusers-format folder (model_index.json + subfolders, safetensors weights)."""
-        self.diffusers_pipeline().save_pretrained(str(folder), safe_serialization=True)
-        atomic_write_json(Path(folder) / SETTINGS_FILE, {k: getattr(self.preset, k) for k in GENERATION_FIELDS})
+ADAPTER = Adapter(SanaVideoModel, _presets)
+load_model = ADAPTER.load_model  # the Python API: a preset name or a folder -> the model object
 
 
 # -- loading -----------------------------------------------------------------------------------------------
@@ -274,85 +218,6 @@ def _check_vae(config: dict) -> None:
                             f"got is_residual={config.get('is_residual')}, patch_size={config.get('patch_size')} "
                             "(the Wan 2.2 VAE is not supported)")
 
-
-def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") -> SanaVideoModel:
-    """A preset name or a local diffusers folder -> SanaVideoModel with the requested modules built/loaded."""
-    folder, tdtype = check_request(source, submodels, SUBMODELS, dtype)
-    if folder is not None:
-        return _load_folder(folder, submodels, tdtype)
-    from diffkiln.models.tokenizer import build_word_tokenizer
-
-    preset = get_preset(str(source))
-    model = SanaVideoModel(
-        name=preset.name, source="preset", preset=preset, transformer_config=dict(preset.transformer),
-        vae_config=dict(preset.vae), text_encoder_config=dict(preset.text_encoder),
-        scheduler_config=dict(preset.scheduler),
-        tokenizer=build_word_tokenizer(default_instruction() + [" ".join(preset.extra_vocab)],
-                                       preset.text_encoder["vocab_size"]),
-    )
-    _build_modules(model, submodels, tdtype, preset.seed)
-    return model
-
-
-def _build_modules(model: SanaVideoModel, submodels, dtype, seed: int) -> None:
-    import torch
-    from diffusers import AutoencoderKLWan, SanaVideoTransformer3DModel
-    from transformers import Gemma2Config, Gemma2Model
-
-    
-    # Each module gets its own seed so that building a subset gives the same weights.
-    if "text_encoder" in submodels:
-        torch.manual_seed(seed)
-        model.text_encoder = loaded(model, "text_encoder", Gemma2Model(Gemma2Config(**model.text_encoder_config, attn_implementation="eager")), dtype)
-    if "transformer" in submodels:
-        torch.manual_seed(seed + 1)
-        model.transformer = loaded(model, "transformer", SanaVideoTransformer3DModel(**model.transformer_config), dtype)
-    if "vae_decoder" in submodels:
-        _check_vae(model.vae_config)
-        torch.manual_seed(seed + 2)
-        model.vae = loaded(model, "vae_decoder", AutoencoderKLWan(**model.vae_config), dtype)
-
-
-def _load_folder(folder: Path, submodels, dtype) -> SanaVideoModel:
-    from diffusers import AutoencoderKLWan, SanaVideoTransformer3DModel
-    from tokenizers import Tokenizer
-    from transformers import Gemma2Config, Gemma2Model
-
-    cls = read_json(folder / "model_index.json").get("_class_name")
-    if cls not in PIPELINE_CLASSES:
-        raise DiffkilnError(f"{folder}: pipeline class {cls!r} is not supported; expected one of {list(PIPELINE_CLASSES)}")
-    public = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}
-    tconf = public(read_json(folder / "transformer" / "config.json"))
-    vconf = public(read_json(folder / "vae" / "config.json"))
-    gemma_keys = inspect.signature(Gemma2Config.__init__).parameters
-    teconf = {k: v for k, v in read_json(folder / "text_encoder" / "config.json").items()
-              if k in gemma_keys and k not in GENERIC_CONFIG_KEYS}
-    sconf = read_json(folder / "scheduler" / "scheduler_config.json")
-    tok_file = folder / "tokenizer" / "tokenizer.json"
-    if not tok_file.is_file():
-        raise DiffkilnError(f"{folder}: tokenizer/tokenizer.json is missing (a fast tokenizer file is required)")
-    settings = {}
-    if (folder / SETTINGS_FILE).is_file():
-        saved = read_json(folder / SETTINGS_FILE)
-        settings = {k: v for k, v in saved.items() if k in GENERATION_FIELDS}
-    preset = VideoPreset(name=folder.name, description=f"diffusers folder {folder}", transformer=tconf, vae=vconf,
-                         text_encoder=teconf, scheduler=sconf, **settings)
-    model = SanaVideoModel(name=folder.name, source=str(folder.resolve()), preset=preset, transformer_config=tconf,
-                           vae_config=vconf, text_encoder_config=teconf, scheduler_config=sconf,
-                           tokenizer=Tokenizer.from_file(str(tok_file)))
-    loaders = {
-        "transformer": ("transformer", lambda p: SanaVideoTransformer3DModel.from_pretrained(p, use_safetensors=True)),
-        "vae_decoder": ("vae", lambda p: AutoencoderKLWan.from_pretrained(p, use_safetensors=True)),
-        "text_encoder": ("text_encoder",
-                         lambda p: Gemma2Model.from_pretrained(p, use_safetensors=True, attn_implementation="eager")),
-    }
-    if "vae_decoder" in submodels:
-        _check_vae(vconf)
-    for sub in submodels:
-        attr, load = loaders[sub]
-        check_safetensors(folder / attr)
-        setattr(model, attr, loaded(model, sub, load(str(folder / attr)), dtype))
-    return model
 
 
 # -- the Wan VAE's decode step -----------------------------------------------------------------------------

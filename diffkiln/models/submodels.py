@@ -20,6 +20,19 @@ class Submodel:
     sample: Callable[[dict, int], dict]  # (dims, seed) -> feeds
     shapes: list[dict]  # two dim assignments for parity: the traced one first
 
+    def __post_init__(self):
+        """Parity shapes always lie inside the declared ranges (user-declared ranges may be narrower than a
+        family's usual check shapes): each dim is clamped into its range, on its multiple."""
+        self.shapes = [{k: self._inside(k, v) for k, v in shape.items()} for shape in self.shapes]
+
+    def _inside(self, dim: str, v):
+        if dim not in self.spec.dims:
+            return v
+        lo, hi = self.spec.dims[dim]
+        m = self.spec.multiples.get(dim, 1)
+        v = min(max(v, lo), hi) // m * m
+        return v + m if v < lo and v + m <= hi else v
+
     @property
     def name(self) -> str:
         return self.spec.name

@@ -8,29 +8,15 @@ safetensors only. The UNet3D module is the model's `unet` attribute.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from diffkiln.errors import DiffkilnError
-from diffkiln.fileio import atomic_write_json
-from diffkiln.models.loading import (
-    GENERIC_CONFIG_KEYS,
-    check_request,
-    check_safetensors,
-    config_hash,
-    loaded,
-    read_json,
-)
+from diffkiln.models.base import Adapter, Component, FamilyModel, VideoPresetBase
 
 FAMILY = "text-to-video-ms"
 SUBMODELS = ("text_encoder", "unet", "vae_decoder")
 PIPELINE_CLASSES = {"TextToVideoSDPipeline": FAMILY}
-SETTINGS_FILE = "diffkiln.json"
-GENERATION_FIELDS = ("height", "width", "num_frames", "fps", "steps", "guidance_scale", "min_pixels", "max_pixels",
-                     "min_frames", "max_frames", "max_batch", "decode_chunk")
 # CLIP-style special tokens of the locally built word-level tokenizer (no hub: the BPE vocabulary of
 # OpenCLIP cannot be fetched). Ids: pad 0, start 1, end 2, unk 3; the text encoder config says the same.
 PAD, BOS, EOS, UNK = "<pad>", "<|startoftext|>", "<|endoftext|>", "<unk>"
@@ -81,34 +67,28 @@ WORDS = (
 ).split()
 
 
-@dataclass(frozen=True)
-class T2VPreset:
-    """A named pipeline: component configs plus TextToVideoSDPipeline's generation defaults and engine ranges."""
+@dataclass(frozen=True, kw_only=True)
+class T2VPreset(VideoPresetBase):
+    """A named TextToVideoSDPipeline: component configs plus its generation defaults and engine ranges
+    (the UNet sees twice the batch with CFG)."""
 
-    name: str
-    description: str
     unet: dict
     vae: dict
     text_encoder: dict
-    scheduler: dict
     height: int = 256
     width: int = 256
     num_frames: int = 16
     fps: int = 8
     steps: int = 50
     guidance_scale: float = 9.0
-    # Engine ranges: pixels per side, frames per video, prompts per call (the UNet sees twice as many with CFG).
     min_pixels: int = 128
     max_pixels: int = 512
-    min_frames: int = 1
     max_frames: int = 32
-    max_batch: int = 1
     # Frames the VAE decoder engine takes per call: decoding memory is bounded by this chunk, not the video.
     decode_chunk: int = 8
     # (batch, frames) of the UNet's two parity shapes (the first is traced): small for the 1.7B model on CPU
     unet_parity: tuple[tuple[int, int], tuple[int, int]] = ((2, 8), (1, 4))
-    seed: int = 0
-    words: tuple[str, ...] = field(default=tuple(WORDS))
+    extra_vocab: tuple[str, ...] = field(default=tuple(WORDS))
 
 
 PRESETS = {
@@ -118,7 +98,7 @@ PRESETS = {
             name="tiny-t2v-ms",
             description="tiny UNet3D (2 levels, 32/64 ch), 2-layer CLIP text encoder, 4-level SD-style VAE (f8); "
                         "seeded random; 32x32 px, 8 frames",
-            unet=TINY_UNET3D, vae=TINY_VAE, text_encoder=TINY_CLIP_TEXT, scheduler=DDIM,
+            unet=TINY_UNET3D, vae=TINY_VAE, text_encoder=TINY_CLIP_TEXT, scheduler=DDIM, max_sequence_length=16,
             height=32, width=32, num_frames=8, steps=4, min_pixels=16, max_pixels=64, min_frames=1, max_frames=16,
             max_batch=2, decode_chunk=8,
         ),
@@ -126,39 +106,11 @@ PRESETS = {
             name="text-to-video-ms-1.7b",
             description="ModelScope text-to-video 1.7B: UNet3D (320/640/1280/1280), OpenCLIP-H text encoder "
                         "(23 layers), SD VAE; DDIM; 256x256, 16 frames (seeded random weights)",
-            unet=UNET3D_1_7B, vae=SD_VAE, text_encoder=OPENCLIP_H_TEXT, scheduler=DDIM,
+            unet=UNET3D_1_7B, vae=SD_VAE, text_encoder=OPENCLIP_H_TEXT, scheduler=DDIM, max_sequence_length=77,
             unet_parity=((1, 4), (2, 2)),
         ),
     ]
 }
-
-
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
-def get_preset(name: str) -> T2VPreset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise DiffkilnError(f"Unknown preset {name!r}; available presets: {', '.join(PRESETS)}") from None
-
-
-def preset_rows() -> list[dict]:
-    """For `diffkiln presets`: parameter counts per module, counted on the meta device (no memory, no weights)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    count = lambda m: sum(p.numel() for p in m.parameters())
-    rows = []
-    for n, p in PRESETS.items():
-        with torch.device("meta"):
-            params = {"unet": count(UNet3DConditionModel(**p.unet)),
-                      "text_encoder": count(CLIPTextModel(CLIPTextConfig(**p.text_encoder))),
-                      "vae": count(AutoencoderKL(**p.vae))}
-        rows.append({"name": n, "family": FAMILY, "params": params, "description": p.description})
-    return rows
 
 
 def build_clip_word_tokenizer(words, vocab_size: int):
@@ -168,32 +120,19 @@ def build_clip_word_tokenizer(words, vocab_size: int):
     return word_tokenizer((w.lower() for w in words), vocab_size, (PAD, BOS, EOS, UNK), f"{BOS} $A {EOS}", unk=UNK)
 
 
-def hf_clip_tokenizer(tokenizer, max_length: int):
-    """Wrap a `tokenizers.Tokenizer` for diffusers (model_max_length = the text encoder's positions)."""
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   unk_token=UNK, model_max_length=max_length)
-
-
 # -- the model object ------------------------------------------------------------------------------
-@dataclass
-class T2VMsModel:
+class T2VMsModel(FamilyModel):
     """A TextToVideoSDPipeline's parts. Modules not asked for are None."""
 
-    name: str
-    source: str  # "preset" or the folder it was loaded from
-    preset: T2VPreset
-    unet_config: dict
-    vae_config: dict
-    text_encoder_config: dict
-    scheduler_config: dict
-    tokenizer: object  # tokenizers.Tokenizer
-    unet: object = None
-    vae: object = None
-    text_encoder: object = None
-    weights_ids: dict = field(default_factory=dict)  # submodel -> weights digest (diffkiln.models.loading.loaded)
-    family: str = FAMILY
+    FAMILIES = PIPELINE_CLASSES
+    DENOISER = "unet"
+    COMPONENTS = (
+        Component("text_encoder", "text_encoder", "transformers.CLIPTextModel", "transformers.CLIPTextConfig",
+                  0, (("attn_implementation", "eager"),)),
+        Component("unet", "unet", "diffusers.UNet3DConditionModel", seed_offset=1),
+        Component("vae", "vae_decoder", "diffusers.AutoencoderKL", seed_offset=2),
+    )
+    SPECIAL_TOKENS = {"pad": PAD, "eos": EOS, "bos": BOS, "unk": UNK}
 
     @property
     def vae_scale_factor(self) -> int:
@@ -211,149 +150,43 @@ class T2VMsModel:
 
     @property
     def text_max_length(self) -> int:
-        return self.text_encoder_config.get("max_position_embeddings", 77)
+        return self.preset.max_sequence_length
 
-    def config_hash(self) -> str:
-        """Hash of the effective configs (defaults filled), equal for a preset and its saved folder."""
-        import diffusers
-        from transformers import CLIPTextConfig
+    @classmethod
+    def preset_tokenizer(cls, preset):
+        return build_clip_word_tokenizer(preset.extra_vocab, preset.text_encoder["vocab_size"])
 
-        return config_hash(self.family, (diffusers.UNet3DConditionModel, self.unet_config), (diffusers.AutoencoderKL, self.vae_config),
-                           CLIPTextConfig(**self.text_encoder_config), self.scheduler_config)
+    @classmethod
+    def folder_preset(cls, folder, family, configs, scheduler):
+        u, v, te = configs["unet"], configs["vae"], configs["text_encoder"]
+        f = 2 ** (len(v["block_out_channels"]) - 1)
+        stride = f * 2 ** (len(u["block_out_channels"]) - 1)
+        native = max(stride, u.get("sample_size", 32) * f // stride * stride)
+        return T2VPreset(name=folder.name, description=f"diffusers folder {folder}", unet=u, vae=v, text_encoder=te,
+                         scheduler=scheduler, max_sequence_length=te.get("max_position_embeddings", 77),
+                         height=native, width=native, min_pixels=max(stride, native // 2 // stride * stride),
+                         max_pixels=native * 2)
+
+    def nearest_frames(self, n: int, preset) -> int:
+        return n
+
+    def family_settings(self) -> dict:
+        p = self.preset
+        return {
+            "latent_channels": self.unet_config["in_channels"],
+            "vae_scale_factor": self.vae_scale_factor,
+            "vae_scaling_factor": self.vae_config.get("scaling_factor", 0.18215),
+            "decode_chunk": p.decode_chunk,
+            "frames": {"min": p.min_frames, "max": p.max_frames, "multiple": 1, "offset": 0},
+            "opt_dims": {"frames": p.num_frames},  # TensorRT profiles' opt point for the UNet's frames dim
+        }
 
     def submodels(self, names=None) -> dict:
         return t2v_submodels(self, names)
 
-    def pipeline_settings(self) -> dict:
-        """Everything the runtime needs besides the engines, the tokenizer and the scheduler config."""
-        p = self.preset
-        return {
-            "family": self.family,
-            "max_sequence_length": self.text_max_length,
-            "pad_token": PAD,
-            "latent_channels": self.unet_config["in_channels"],
-            "vae_scale_factor": self.vae_scale_factor,
-            "pixel_stride": self.pixel_stride,
-            "vae_scaling_factor": self.vae_config.get("scaling_factor", 0.18215),
-            "min_pixels": p.min_pixels,
-            "max_pixels": p.max_pixels,
-            "max_batch": p.max_batch,
-            "decode_chunk": p.decode_chunk,
-            "frames": {"min": p.min_frames, "max": p.max_frames, "multiple": 1, "offset": 0},
-            "opt_dims": {"frames": p.num_frames},  # TensorRT profiles' opt point for the UNet's frames dim
-            "defaults": {
-                "height": p.height,
-                "width": p.width,
-                "num_frames": p.num_frames,
-                "fps": p.fps,
-                "num_inference_steps": p.steps,
-                "guidance_scale": p.guidance_scale,
-            },
-        }
 
-    def diffusers_pipeline(self):
-        """diffusers' TextToVideoSDPipeline over the same modules (the reference the runtime reproduces)."""
-        import diffusers
-
-        return diffusers.TextToVideoSDPipeline(
-            tokenizer=hf_clip_tokenizer(self.tokenizer, self.text_max_length),
-            text_encoder=self.text_encoder,
-            vae=self.vae,
-            unet=self.unet,
-            scheduler=diffusers.DDIMScheduler.from_config(self.scheduler_config),
-        )
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write a diffusers-format folder (model_index.json + subfolders, safetensors weights)."""
-        self.diffusers_pipeline().save_pretrained(str(folder), safe_serialization=True)
-        atomic_write_json(Path(folder) / SETTINGS_FILE, {k: getattr(self.preset, k) for k in GENERATION_FIELDS})
-
-
-# -- building and loading ---------------------------------------------------------------------------
-def _clip_text_model(config: dict):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    # eager attention: one code path for export and reference; CLIP's causal mask is built inside
-    return CLIPTextModel(CLIPTextConfig(**config, attn_implementation="eager"))
-
-
-def _build_modules(model: T2VMsModel, submodels, dtype, seed: int) -> None:
-    import torch
-    from diffusers import AutoencoderKL, UNet3DConditionModel
-
-    # Each module has its own seed, so building a subset gives the same weights.
-    if "text_encoder" in submodels:
-        torch.manual_seed(seed)
-        model.text_encoder = loaded(model, "text_encoder", _clip_text_model(model.text_encoder_config), dtype)
-    if "unet" in submodels:
-        torch.manual_seed(seed + 1)
-        model.unet = loaded(model, "unet", UNet3DConditionModel(**model.unet_config), dtype)
-    if "vae_decoder" in submodels:
-        torch.manual_seed(seed + 2)
-        model.vae = loaded(model, "vae_decoder", AutoencoderKL(**model.vae_config), dtype)
-
-
-def load_model(source: str | Path, submodels=SUBMODELS, dtype: str = "float32") -> T2VMsModel:
-    """A preset name or a saved TextToVideoSDPipeline folder -> T2VMsModel with the requested modules."""
-    folder, tdtype = check_request(source, submodels, SUBMODELS, dtype)
-    if folder is not None:
-        return _load_folder(folder, submodels, tdtype)
-    preset = get_preset(str(source))
-    model = T2VMsModel(
-        name=preset.name, source="preset", preset=preset, unet_config=dict(preset.unet), vae_config=dict(preset.vae),
-        text_encoder_config=dict(preset.text_encoder), scheduler_config=dict(preset.scheduler),
-        tokenizer=build_clip_word_tokenizer(preset.words, preset.text_encoder["vocab_size"]),
-    )
-    _build_modules(model, submodels, tdtype, preset.seed)
-    return model
-
-
-def _load_folder(folder: Path, submodels, dtype) -> T2VMsModel:
-    from tokenizers import Tokenizer
-    from transformers import CLIPTextConfig
-
-    index = read_json(folder / "model_index.json")
-    if index.get("_class_name") not in PIPELINE_CLASSES:
-        raise DiffkilnError(f"{folder}: pipeline class {index.get('_class_name')!r} is not supported by the {FAMILY} "
-                            f"adapter; expected one of {list(PIPELINE_CLASSES)}")
-    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}
-    uconf = strip(read_json(folder / "unet" / "config.json"))
-    vconf = strip(read_json(folder / "vae" / "config.json"))
-    clip_keys = set(inspect.signature(CLIPTextConfig.__init__).parameters) | set(CLIPTextConfig().to_dict())
-    teconf = {k: v for k, v in read_json(folder / "text_encoder" / "config.json").items()
-              if k in clip_keys and k not in GENERIC_CONFIG_KEYS}
-    sconf = read_json(folder / "scheduler" / "scheduler_config.json")
-    if sconf.get("_class_name") != "DDIMScheduler":
-        raise DiffkilnError(f"{folder}: scheduler {sconf.get('_class_name')!r}; the {FAMILY} runtime implements DDIMScheduler")
-    tok_file = folder / "tokenizer" / "tokenizer.json"
-    if not tok_file.is_file():
-        raise DiffkilnError(f"{folder}: tokenizer/tokenizer.json is missing (a fast tokenizer file is required; "
-                            "convert CLIP's vocab.json/merges.txt with transformers' CLIPTokenizerFast.save_pretrained)")
-    stride = 2 ** (len(vconf["block_out_channels"]) - 1)
-    native = uconf.get("sample_size", 32) * stride
-    settings = dict(height=native, width=native, min_pixels=max(stride * 2 ** (len(uconf["block_out_channels"]) - 1), native // 2),
-                    max_pixels=native * 2)
-    if (folder / SETTINGS_FILE).is_file():
-        settings.update({k: v for k, v in read_json(folder / SETTINGS_FILE).items() if k in GENERATION_FIELDS})
-    preset = T2VPreset(name=folder.name, description=f"diffusers folder {folder}", unet=uconf, vae=vconf,
-                       text_encoder=teconf, scheduler=sconf, **settings)
-    model = T2VMsModel(name=folder.name, source=str(folder.resolve()), preset=preset, unet_config=uconf,
-                       vae_config=vconf, text_encoder_config=teconf, scheduler_config=sconf,
-                       tokenizer=Tokenizer.from_file(str(tok_file)))
-    from diffusers import AutoencoderKL, UNet3DConditionModel
-    from transformers import CLIPTextModel
-
-    loaders = {
-        "unet": ("unet", lambda p: UNet3DConditionModel.from_pretrained(p, use_safetensors=True)),
-        "vae_decoder": ("vae", lambda p: AutoencoderKL.from_pretrained(p, use_safetensors=True)),
-        "text_encoder": ("text_encoder",
-                         lambda p: CLIPTextModel.from_pretrained(p, use_safetensors=True, attn_implementation="eager")),
-    }
-    for sub in submodels:
-        attr, load = loaders[sub]
-        check_safetensors(folder / attr)
-        setattr(model, attr, loaded(model, sub, load(str(folder / attr)), dtype))
-    return model
+ADAPTER = Adapter(T2VMsModel, PRESETS)
+load_model = ADAPTER.load_model  # the Python API: a preset name or a folder -> the model object
 
 
 # -- submodels ---------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """CogVideoX text-to-video over engines, reproducing diffusers' CogVideoXPipeline (numpy + tokenizers only).
 
-* prompts: T5 tokenization padded/truncated to max_sequence_length, no attention mask;
+* prompts: the folder's T5 tokenizer, padded/truncated to max_sequence_length, no attention mask;
 * classifier-free guidance as one batch [negative, positive] when guidance > 1, optionally diffusers'
   dynamic guidance (use_dynamic_cfg);
-* CogVideoXDDIMScheduler steps on latents [B, F, C, h, w];
+* the folder's scheduler (CogVideoX-DDIM / -DPM, DDIM, ...) steps on latents [B, F, C, h, w];
 * the causal VAE decoded chunk by chunk (diffusers' temporal batches: 2 latent frames, the first chunk
   3 when the count is odd) with the conv cache carried between calls: memory bounded per chunk;
 * output [B, F, H, W, 3] float32 in [0, 1]. As in diffusers, F is num_frames when (num_frames - 1) / 4 + 1 is
@@ -17,8 +17,7 @@ import math
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.runtime.pipeline import guide, run_batched
-from diffkiln.runtime.schedulers import scheduler_from_config
+from diffkiln.runtime.pipeline import run_batched
 from diffkiln.runtime.video import VideoPipeline
 
 CACHE_FRAMES = 2  # latent frames per decode chunk after the first
@@ -52,16 +51,9 @@ def dynamic_guidance(guidance: float, t: float, steps: int) -> float:
 class CogVideoXPipeline(VideoPipeline):
     """`pipe(prompt, num_frames=..., height=..., width=..., seed=...)` -> VideoOutput (see VideoPipeline)."""
 
-    def __init__(self, engines, settings, scheduler_config, tokenizer_file):
-        super().__init__(engines, settings, scheduler_config, tokenizer_file)
-        from tokenizers import Tokenizer
-
-        L = settings["max_sequence_length"]
-        self._tok = Tokenizer.from_file(str(tokenizer_file))
-        pad = self._tok.token_to_id("<pad>")
-        self._tok.enable_truncation(max_length=L)  # keeps </s>, like transformers' truncation=True
-        self._tok.enable_padding(length=L, pad_id=0 if pad is None else pad, pad_token="<pad>")
-        self.use_dynamic_cfg = settings["defaults"].get("use_dynamic_cfg", False)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_dynamic_cfg = self.settings.defaults.get("use_dynamic_cfg", False)
 
     def __call__(self, prompt, negative_prompt="", *args, use_dynamic_cfg: bool | None = None, **kwargs):
         """VideoPipeline.__call__, plus diffusers' `use_dynamic_cfg` (default: pipeline.json's, False)."""
@@ -78,38 +70,13 @@ class CogVideoXPipeline(VideoPipeline):
         s, f = self.settings, self.settings["vae_scale_factor"]
         return (batch, (frames - 1) // s["temporal_compression"] + 1, s["latent_channels"], height // f, width // f)
 
-    def tokenize(self, prompts: list[str]) -> np.ndarray:
-        """input_ids [B, max_sequence_length] int64: tokens + </s>, right-padded with <pad>."""
-        return np.array([e.ids for e in self._tok.encode_batch(prompts)], dtype=np.int64)
+    def predict(self, model_in, t, cond, timings):
+        feeds = {"latents": model_in, "encoder_hidden_states": cond["encoder_hidden_states"],
+                 "timestep": np.full(model_in.shape[0], t, np.float32)}
+        return self._timed(timings, "transformer", run_batched, self.engines["transformer"], feeds)
 
-    def _encode(self, prompts: list[str], timings: dict) -> np.ndarray:
-        return self._timed(timings, "text_encoder", run_batched, self.engines["text_encoder"],
-                           {"input_ids": self.tokenize(prompts)})
-
-    def encode_prompt(self, prompts, negatives, guidance, timings) -> dict:
-        emb = self._encode(prompts, timings)
-        if guidance > 1.0:  # diffusers batches [negative, positive]
-            emb = np.concatenate([self._encode(negatives, timings), emb])
-        return {"encoder_hidden_states": emb.astype(np.float32)}
-
-    def denoise(self, latents, cond, steps, guidance, rng, timings, callback, progress):
-        cfg = guidance > 1.0
-        scheduler = scheduler_from_config(self.scheduler_config)
-        scheduler.set_timesteps(steps)
-        latents = latents * np.float32(getattr(scheduler, "init_noise_sigma", 1.0))
-        emb = cond["encoder_hidden_states"]
-        for i, t in enumerate(self._steps(scheduler.timesteps, progress)):
-            model_in = np.concatenate([latents, latents]) if cfg else latents
-            timestep = np.full(model_in.shape[0], t, np.float32)
-            noise = self._timed(timings, "transformer", run_batched, self.engines["transformer"],
-                                {"latents": model_in, "encoder_hidden_states": emb, "timestep": timestep})
-            g = dynamic_guidance(guidance, float(t), steps) if self.use_dynamic_cfg else guidance
-            if cfg:
-                noise = guide(noise, g)
-            latents = scheduler.step(noise, t, latents).astype(np.float32)
-            if callback:
-                callback(i, float(t), latents)
-        return latents
+    def guidance_at(self, guidance: float, t, steps: int) -> float:
+        return dynamic_guidance(guidance, float(t), steps) if self.use_dynamic_cfg else guidance
 
     def decode(self, latents: np.ndarray, frames: int, timings: dict) -> np.ndarray:
         """[B, F, C, h, w] latents -> [B, video_frames(frames), H, W, 3] in [0, 1], decoded chunk by chunk."""

@@ -64,24 +64,92 @@ def open_engine_dir(root: str | Path, backend: str | None = None, target: str | 
 
 
 class EnginePipeline:
-    """What every pipeline over an engine directory shares: loading, the required engines, stage timing."""
+    """What every pipeline over an engine directory shares: loading, the required engines, the prompt tokenizer,
+    the scheduler (the folder's, or `scheduler=NAME` swapped in as diffusers' `from_config` would), stage timing,
+    and the one denoising loop (`denoise`) every family runs through its hooks."""
 
     required: tuple[str, ...] = ("text_encoder", "transformer", "vae_decoder")
 
-    def __init__(self, engines: dict, settings: dict, scheduler_config: dict, tokenizer_file: str | Path):
+    def __init__(self, engines: dict, settings: dict, scheduler_config: dict, tokenizer_file: str | Path,
+                 scheduler: str | None = None):
+        from diffkiln.settings import PipelineSettings
+
+        self.settings = settings if isinstance(settings, PipelineSettings) else PipelineSettings.from_dict(settings)
         missing = set(self.required) - set(engines)
         if missing:
             raise DiffkilnError(f"{type(self).__name__} needs engines for {sorted(missing)}; got {sorted(engines)}")
         self.engines = engines
-        self.settings = settings
+        if scheduler:
+            from diffkiln.runtime.schedulers import swap_scheduler
+
+            scheduler_config = swap_scheduler(scheduler_config, scheduler)
         self.scheduler_config = scheduler_config
+        try:
+            scheduler_from_config(self.scheduler_config)  # refuse an unusable scheduler now, not mid-generation
+        except ValueError as e:
+            raise DiffkilnError(f"scheduler: {e}") from None
         self.tokenizer_file = Path(tokenizer_file)
+        self.tokenizer = PromptTokenizer.from_settings(tokenizer_file, self.settings)
 
     @classmethod
     def from_engines(cls, root: str | Path, backend: str | None = None, target: str | None = None,
-                     precision: str | None = None, verify: bool = True, **engine_options):
+                     precision: str | None = None, verify: bool = True, scheduler: str | None = None,
+                     **engine_options):
         """Load an engine directory: manifest (hashes checked), tokenizer, scheduler and pipeline settings."""
-        return cls(*open_engine_dir(root, backend, target, precision, verify, **engine_options))
+        return cls(*open_engine_dir(root, backend, target, precision, verify, **engine_options), scheduler=scheduler)
+
+    # -- the denoising loop ------------------------------------------------------------------------
+    def denoise(self, latents: np.ndarray, cond: dict, steps: int, guidance: float, rng: np.random.Generator,
+                timings: dict, callback, progress: bool) -> np.ndarray:
+        """diffusers' loop: set_timesteps, latents * init_noise_sigma, then per timestep: [uncond; cond] batch
+        when cond["cfg"], scale_model_input, `predict` (the family's denoiser call), guidance (`guidance_at`),
+        scheduler.step (with fresh noise from `rng` for samplers that take it), callback(i, t, latents)."""
+
+        scheduler = scheduler_from_config(self.scheduler_config)
+        self.set_timesteps(scheduler, steps)
+        latents = self.prepare_latents(latents * np.float32(scheduler.init_noise_sigma), scheduler)
+        cfg = bool(cond.get("cfg"))
+        for i, t in enumerate(self._steps(self.loop_timesteps(scheduler), progress)):
+            model_in = np.concatenate([latents, latents]) if cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t).astype(np.float32)
+            noise = self.predict(model_in, t, cond, timings)
+            if cfg:
+                noise = guide(noise, self.guidance_at(guidance, t, steps))
+            extra = {"noise": rng.standard_normal(latents.shape, dtype=np.float32)} if scheduler.needs_noise else {}
+            latents = scheduler.step(noise, t, latents, **extra).astype(np.float32)
+            if callback:
+                callback(i, float(t), latents)
+        return self.finish_latents(latents, scheduler)
+
+    # hooks of the loop (defaults: diffusers' plain loop)
+    def set_timesteps(self, scheduler, steps: int) -> None:
+        scheduler.set_timesteps(steps)
+
+    def loop_timesteps(self, scheduler):
+        return scheduler.timesteps
+
+    def prepare_latents(self, latents: np.ndarray, scheduler) -> np.ndarray:
+        return latents
+
+    def guidance_at(self, guidance: float, t, steps: int) -> float:
+        return guidance
+
+    def predict(self, model_in: np.ndarray, t, cond: dict, timings: dict) -> np.ndarray:
+        raise NotImplementedError
+
+    def finish_latents(self, latents: np.ndarray, scheduler) -> np.ndarray:
+        return latents
+
+    def encode_text(self, prompts: list[str], with_instruction: bool, timings: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts -> (text encoder hidden states, attention mask); Sana's families keep their selected tokens."""
+        ids, mask = self.tokenizer.encode(prompts, with_instruction)
+        feeds = {"input_ids": ids}
+        if any(i.name == "attention_mask" for i in self.engines["text_encoder"].spec.inputs):
+            feeds["attention_mask"] = mask
+        hidden = self._timed(timings, "text_encoder", run_batched, self.engines["text_encoder"], feeds)
+        if self.tokenizer.instruction:
+            return self.tokenizer.select(hidden, mask)
+        return hidden, mask
 
     def _timed(self, timings: dict, stage: str, fn, *args):
         start = time.perf_counter()
@@ -119,13 +187,8 @@ class EnginePipeline:
 
 
 class Pipeline(EnginePipeline):
-    """A text-to-image pipeline over `text_encoder`, `transformer` and `vae_decoder` engines."""
-
-    def __init__(self, engines: dict, settings: dict, scheduler_config: dict, tokenizer_file: str | Path):
-        super().__init__(engines, settings, scheduler_config, tokenizer_file)
-        self.tokenizer = PromptTokenizer(
-            tokenizer_file, settings["max_sequence_length"], settings.get("complex_human_instruction")
-        )
+    """A text-to-image pipeline over `text_encoder`, `transformer` and `vae_decoder` engines
+    (SanaPipeline; SanaSprintPipeline's sCM loop through the same `denoise` hooks)."""
 
     # -- checks -------------------------------------------------------------------------------
     def check_inputs(self, prompts: list[str], negatives: list[str], height: int, width: int, steps: int, total: int):
@@ -137,12 +200,9 @@ class Pipeline(EnginePipeline):
         if total < 1:
             raise DiffkilnError("no prompt given")
 
-    # -- stages -------------------------------------------------------------------------------
-    def encode_prompt(self, prompts: list[str], with_instruction: bool, timings: dict) -> tuple[np.ndarray, np.ndarray]:
-        ids, mask = self.tokenizer.encode(prompts, with_instruction)
-        hidden = self._timed(timings, "text_encoder", run_batched, self.engines["text_encoder"],
-                             {"input_ids": ids, "attention_mask": mask})
-        return self.tokenizer.select(hidden, mask)
+    @property
+    def sprint(self) -> bool:
+        return self.settings.family == "sana-sprint"
 
     def __call__(
         self,
@@ -167,10 +227,11 @@ class Pipeline(EnginePipeline):
         `generator` instead to draw from your own numpy Generator; with neither, a fresh seed is
         drawn and returned in `PipelineOutput.seed`.
         """
-        d = self.settings["defaults"]
-        steps = num_inference_steps or d["num_inference_steps"]
+        d = self.settings.defaults
+        steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
-        height, width = height or d["height"], width or d["width"]
+        height = d["height"] if height is None else height
+        width = d["width"] if width is None else width
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         total = len(prompts) * num_images_per_prompt
@@ -187,10 +248,15 @@ class Pipeline(EnginePipeline):
         timings: dict[str, list[float]] = {}
         start = time.perf_counter()
 
-        emb, mask = self.encode_prompt(prompts, True, timings)
+        emb, mask = self.encode_text(prompts, True, timings)
         emb, mask = np.repeat(emb, num_images_per_prompt, 0), np.repeat(mask, num_images_per_prompt, 0)
-        loop = self._denoise_scm if self.settings["family"] == "sana-sprint" else self._denoise_flow
-        latents = loop(latents, emb, mask, negatives, num_images_per_prompt, steps, guidance, rng, timings, callback, progress)
+        cfg = guidance > 1.0 and not self.sprint  # SANA-Sprint takes guidance as an embedding, no CFG batch
+        if cfg:
+            neg, neg_mask = self.encode_text(negatives, False, timings)
+            emb = np.concatenate([np.repeat(neg, num_images_per_prompt, 0), emb])
+            mask = np.concatenate([np.repeat(neg_mask, num_images_per_prompt, 0), mask])
+        cond = {"encoder_hidden_states": emb, "encoder_attention_mask": mask, "cfg": cfg, "guidance": guidance}
+        latents = self.denoise(latents, cond, steps, guidance, rng, timings, callback, progress)
 
         if output_type == "latent":
             images = latents
@@ -203,56 +269,37 @@ class Pipeline(EnginePipeline):
         timings["total"] = [time.perf_counter() - start]
         return PipelineOutput(images=images, seed=seed, timings=timings)
 
-    def _transformer(self, timings: dict, **feeds) -> np.ndarray:
-        return self._timed(timings, "transformer", run_batched, self.engines["transformer"], feeds)
+    # -- hooks of the loop ----------------------------------------------------------------------
+    def loop_timesteps(self, scheduler):
+        # sCM evaluates the model at every angle but the last (0)
+        return scheduler.timesteps[:-1] if self.sprint else scheduler.timesteps
 
-    def _denoise_flow(self, latents, emb, mask, negatives, per_prompt, steps, guidance, rng, timings, callback, progress):
-        """SanaPipeline's loop: batched classifier-free guidance (when guidance > 1) over a flow scheduler."""
+    def prepare_latents(self, latents, scheduler):
+        return latents * self._sigma_data() if self.sprint else latents
+
+    def finish_latents(self, latents, scheduler):
+        return (scheduler.pred_original_sample / self._sigma_data()).astype(np.float32) if self.sprint else latents
+
+    def _sigma_data(self) -> np.float32:
+        return np.float32(self.scheduler_config.get("sigma_data", 0.5))
+
+    def predict(self, model_in, t, cond, timings):
         s = self.settings
-        cfg = guidance > 1.0
-        if cfg:
-            neg, neg_mask = self.encode_prompt(negatives, False, timings)
-            emb = np.concatenate([np.repeat(neg, per_prompt, 0), emb])
-            mask = np.concatenate([np.repeat(neg_mask, per_prompt, 0), mask])
-        scheduler = scheduler_from_config(self.scheduler_config)
-        scheduler.set_timesteps(steps)
-        C = s["latent_channels"]
-        for i, t in enumerate(self._steps(scheduler.timesteps, progress)):
-            model_in = np.concatenate([latents, latents]) if cfg else latents
+        feeds = {"encoder_hidden_states": cond["encoder_hidden_states"],
+                 "encoder_attention_mask": cond["encoder_attention_mask"]}
+        if not self.sprint:
             timestep = np.full(model_in.shape[0], np.float32(t) * np.float32(s["timestep_scale"]), np.float32)
-            noise = self._transformer(timings, latents=model_in, encoder_hidden_states=emb,
-                                      encoder_attention_mask=mask, timestep=timestep)
-            if cfg:
-                noise = guide(noise, guidance)
-            if s["learned_sigma"]:
-                noise = noise[:, :C]
-            latents = scheduler.step(noise, t, latents).astype(np.float32)
-            if callback:
-                callback(i, float(t), latents)
-        return latents
-
-    def _denoise_scm(self, latents, emb, mask, negatives, per_prompt, steps, guidance, rng, timings, callback, progress):
-        """SanaSprintPipeline's loop: sCM (TrigFlow) steps, guidance as an embedding input, no CFG batch."""
-        s, sigma = self.settings, np.float32(self.scheduler_config.get("sigma_data", 0.5))
-        scheduler = scheduler_from_config(self.scheduler_config)
-        scheduler.set_timesteps(steps)
-        latents = latents * sigma
-        g = np.full(latents.shape[0], np.float32(guidance) * np.float32(s["guidance_embeds_scale"]), np.float32)
-        multistep = len(scheduler.timesteps) > 1
-        denoised = latents
-        for i, t in enumerate(self._steps(scheduler.timesteps[:-1], progress)):
-            t32 = np.float32(t)
-            scm_t = np.full(latents.shape[0], np.sin(t32) / (np.cos(t32) + np.sin(t32)), np.float32)
-            st = scm_t.reshape(-1, 1, 1, 1)
-            norm = np.sqrt(st**2 + (1 - st) ** 2)
-            model_in = (latents / sigma * norm).astype(np.float32)
-            pred = self._transformer(timings, latents=model_in, encoder_hidden_states=emb,
-                                     encoder_attention_mask=mask, timestep=scm_t, guidance=g)
-            pred = ((1 - 2 * st) * model_in + (1 - 2 * st + 2 * st**2) * pred) / norm
-            pred = (pred * sigma).astype(np.float32)
-            noise = rng.standard_normal(latents.shape, dtype=np.float32) if multistep else None
-            latents = scheduler.step(pred, np.full(latents.shape[0], t32), latents, noise=noise)
-            denoised = scheduler.pred_original_sample
-            if callback:
-                callback(i, float(t), latents)
-        return (denoised / sigma).astype(np.float32)
+            noise = self._timed(timings, "transformer", run_batched, self.engines["transformer"],
+                                dict(feeds, latents=model_in, timestep=timestep))
+            return noise[:, : s["latent_channels"]] if s["learned_sigma"] else noise
+        # SanaSprintPipeline: TrigFlow -> sCM time and input scaling around the transformer, guidance embedded
+        sigma, t32 = self._sigma_data(), np.float32(t)
+        scm_t = np.full(model_in.shape[0], np.sin(t32) / (np.cos(t32) + np.sin(t32)), np.float32)
+        st = scm_t.reshape(-1, 1, 1, 1)
+        norm = np.sqrt(st**2 + (1 - st) ** 2)
+        x = (model_in / sigma * norm).astype(np.float32)
+        g = np.full(model_in.shape[0], np.float32(cond["guidance"]) * np.float32(s["guidance_embeds_scale"]), np.float32)
+        pred = self._timed(timings, "transformer", run_batched, self.engines["transformer"],
+                           dict(feeds, latents=x, timestep=scm_t, guidance=g))
+        pred = ((1 - 2 * st) * x + (1 - 2 * st + 2 * st**2) * pred) / norm
+        return (pred * sigma).astype(np.float32)

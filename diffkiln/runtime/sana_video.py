@@ -12,9 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.runtime.pipeline import guide, run_batched
-from diffkiln.runtime.schedulers import scheduler_from_config
-from diffkiln.runtime.text import PromptTokenizer
+from diffkiln.runtime.pipeline import run_batched
 from diffkiln.runtime.video import VideoPipeline
 
 CACHE_FRAMES = 2  # the layout the exported decode step uses (models.sana_video.pack)
@@ -30,12 +28,10 @@ def unpack_frames(x: np.ndarray, r: int) -> np.ndarray:
 class SanaVideoPipeline(VideoPipeline):
     """Text-to-video with Sana-Video engines: `text_encoder`, `transformer`, `vae_decoder` (one decode step)."""
 
-    def __init__(self, engines: dict, settings: dict, scheduler_config: dict, tokenizer_file):
-        super().__init__(engines, settings, scheduler_config, tokenizer_file)
-        self.tokenizer = PromptTokenizer(tokenizer_file, settings["max_sequence_length"],
-                                         settings.get("complex_human_instruction"))
-        self.latents_mean = np.asarray(settings["latents_mean"], np.float32)
-        self.latents_std = np.asarray(settings["latents_std"], np.float32)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.latents_mean = np.asarray(self.settings["latents_mean"], np.float32)
+        self.latents_std = np.asarray(self.settings["latents_std"], np.float32)
 
     # -- hooks ----------------------------------------------------------------------------------
     def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple:
@@ -43,37 +39,12 @@ class SanaVideoPipeline(VideoPipeline):
         f = s["vae_scale_factor"]
         return batch, s["latent_channels"], (frames - 1) // s["vae_scale_factor_temporal"] + 1, height // f, width // f
 
-    def _encode(self, prompts: list[str], with_instruction: bool, timings: dict) -> tuple[np.ndarray, np.ndarray]:
-        ids, mask = self.tokenizer.encode(prompts, with_instruction)
-        hidden = self._timed(timings, "text_encoder", run_batched, self.engines["text_encoder"],
-                             {"input_ids": ids, "attention_mask": mask})
-        return self.tokenizer.select(hidden, mask)
-
-    def encode_prompt(self, prompts: list[str], negatives: list[str], guidance: float, timings: dict) -> dict:
-        emb, mask = self._encode(prompts, True, timings)
-        if guidance > 1.0:  # diffusers encodes negatives without the instruction, batched before the prompts
-            neg, neg_mask = self._encode(negatives, False, timings)
-            emb, mask = np.concatenate([neg, emb]), np.concatenate([neg_mask, mask])
-        return {"encoder_hidden_states": emb.astype(np.float32), "encoder_attention_mask": mask, "cfg": guidance > 1.0}
-
-    def denoise(self, latents, cond: dict, steps: int, guidance: float, rng, timings: dict, callback, progress: bool):
-        cfg, C = cond["cfg"], self.settings["latent_channels"]
-        scheduler = scheduler_from_config(self.scheduler_config)
-        scheduler.set_timesteps(steps)
-        for i, t in enumerate(self._steps(scheduler.timesteps, progress)):
-            model_in = np.concatenate([latents, latents]) if cfg else latents
-            feeds = {"latents": model_in, "encoder_hidden_states": cond["encoder_hidden_states"],
-                     "encoder_attention_mask": cond["encoder_attention_mask"],
-                     "timestep": np.full(model_in.shape[0], np.float32(t), np.float32)}
-            noise = self._timed(timings, "transformer", run_batched, self.engines["transformer"], feeds)
-            if cfg:
-                noise = guide(noise, guidance)
-            if self.settings["learned_sigma"]:
-                noise = noise[:, :C]
-            latents = scheduler.step(noise, t, latents).astype(np.float32)
-            if callback:
-                callback(i, float(t), latents)
-        return latents
+    def predict(self, model_in, t, cond, timings):
+        feeds = {"latents": model_in, "encoder_hidden_states": cond["encoder_hidden_states"],
+                 "encoder_attention_mask": cond["encoder_attention_mask"],
+                 "timestep": np.full(model_in.shape[0], np.float32(t), np.float32)}
+        noise = self._timed(timings, "transformer", run_batched, self.engines["transformer"], feeds)
+        return noise[:, : self.settings["latent_channels"]] if self.settings["learned_sigma"] else noise
 
     def decode(self, latents: np.ndarray, frames: int, timings: dict) -> np.ndarray:
         """De-normalize as diffusers does (x / (1/std) + mean), decode step by step, -> [B, F, H, W, 3] in [0, 1]."""

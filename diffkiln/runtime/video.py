@@ -2,10 +2,10 @@
 
 A family's subclass (`VIDEO_PIPELINES`) reproduces its diffusers pipeline by implementing
     latent_shape(batch, frames, height, width) -> tuple      initial latents' shape
-    initial_latents(shape, rng) -> np.ndarray                default: standard normal (float32) from rng
-    encode_prompt(prompts, negatives, guidance, timings) -> dict   conditioning for the denoiser
-    denoise(latents, cond, steps, guidance, rng, timings, callback, progress) -> latents
+    predict(model_in, t, cond, timings) -> noise             its denoiser engine call (the loop is shared:
+                                                             `EnginePipeline.denoise`)
     decode(latents, frames, timings) -> [B, F, H, W, 3] float32 in [0, 1]
+and may override initial_latents / encode_prompt / guidance_at.
 Like the image runtime it imports nothing from torch, diffusers or transformers.
 
 pipeline.json of a video family holds, besides what the image runtime reads: "frames" (the valid
@@ -81,10 +81,11 @@ class VideoPipeline(EnginePipeline):
     ) -> VideoOutput:
         """Generate one video per prompt. `seed` makes it reproducible on any install and backend:
         the initial latents come from `numpy.random.Generator(numpy.random.PCG64(seed))`."""
-        d = self.settings["defaults"]
-        frames = num_frames or d["num_frames"]
-        height, width = height or d["height"], width or d["width"]
-        steps = num_inference_steps or d["num_inference_steps"]
+        d = self.settings.defaults
+        frames = d["num_frames"] if num_frames is None else num_frames
+        height = d["height"] if height is None else height
+        width = d["width"] if width is None else width
+        steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -117,8 +118,7 @@ class VideoPipeline(EnginePipeline):
         without re-exporting; `path=None` removes it. See diffkiln.runtime.lora.set_lora."""
         from diffkiln.runtime.lora import set_lora
 
-        denoiser = next(n for n in ("unet", "transformer") if n in self.engines)
-        return set_lora(self, path, spatial_scale, temporal_scale, submodel=denoiser)
+        return set_lora(self, path, spatial_scale, temporal_scale, submodel=self.settings.denoiser)
 
     # -- hooks ----------------------------------------------------------------------------------
     def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple:
@@ -128,10 +128,14 @@ class VideoPipeline(EnginePipeline):
         return rng.standard_normal(shape, dtype=np.float32)
 
     def encode_prompt(self, prompts: list[str], negatives: list[str], guidance: float, timings: dict) -> dict:
-        raise NotImplementedError
-
-    def denoise(self, latents, cond: dict, steps: int, guidance: float, rng, timings: dict, callback, progress: bool):
-        raise NotImplementedError
+        """Conditioning as diffusers builds it: prompts (with the family's instruction, if any), and with
+        guidance > 1 the negatives (without it) batched first: [negative; positive]."""
+        emb, mask = self.encode_text(prompts, True, timings)
+        cfg = guidance > 1.0
+        if cfg:
+            neg, neg_mask = self.encode_text(negatives, False, timings)
+            emb, mask = np.concatenate([neg, emb]), np.concatenate([neg_mask, mask])
+        return {"encoder_hidden_states": emb.astype(np.float32), "encoder_attention_mask": mask, "cfg": cfg}
 
     def decode(self, latents: np.ndarray, frames: int, timings: dict) -> np.ndarray:
         raise NotImplementedError

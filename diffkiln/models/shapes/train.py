@@ -154,7 +154,8 @@ def _prompt_tokenizer(model):
 
     with tempfile.TemporaryDirectory() as d:
         model.tokenizer.save(str(Path(d) / "tokenizer.json"))
-        return PromptTokenizer(Path(d) / "tokenizer.json", model.preset.max_sequence_length, model.instruction)
+        return PromptTokenizer(Path(d) / "tokenizer.json", model.preset.max_sequence_length, model.token_id("pad"),
+                               model.instruction)
 
 
 def flow_sigmas(u: np.ndarray, shift: float) -> np.ndarray:

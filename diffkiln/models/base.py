@@ -1,0 +1,444 @@
+"""The adapter contract every model family implements, and what they all do the same way.
+
+A family is one module with
+  * a preset dataclass (a `PresetBase` or `VideoPresetBase` subclass) and its table of presets,
+  * a model class deriving from `FamilyModel` that declares its components (`COMPONENTS`), its diffusers
+    pipeline class, its denoiser submodel, its tokenizer's special tokens, and implements the abstract
+    methods (`folder_preset`, `family_settings`, `submodels`),
+  * one `Adapter(...)` object named `ADAPTER`, registered in `diffkiln.models.registry.ADAPTERS`.
+Folder loading (safetensors only), seeded random modules for presets, `save_pretrained`, the config hash,
+weights digests, diffusers' pipeline over the same modules, user-declared shape ranges and the settings every
+runtime reads are written here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from diffkiln.errors import DiffkilnError
+from diffkiln.models.loading import (
+    GENERIC_CONFIG_KEYS,
+    check_request,
+    check_safetensors,
+    config_hash,
+    loaded,
+    read_json,
+)
+
+# Generation defaults diffusers keeps in pipeline call arguments, saved beside a folder by `save_pretrained`.
+SETTINGS_FILE = "diffkiln.json"
+# The user-declared shape ranges `build --min-size/--max-size/--max-batch/--min-frames/--max-frames` set.
+RANGE_FIELDS = {"min_size": "min_pixels", "max_size": "max_pixels", "max_batch": "max_batch",
+                "min_frames": "min_frames", "max_frames": "max_frames"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PresetBase:
+    """A named pipeline: component configs, its diffusers pipeline's generation defaults, the shape ranges
+    engines are built for (pixels per side, prompts per call before CFG doubling)."""
+
+    name: str
+    description: str
+    scheduler: dict
+    max_sequence_length: int = 300
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    min_pixels: int
+    max_pixels: int
+    max_batch: int = 1
+    seed: int = 0
+    extra_vocab: tuple[str, ...] = field(default=())
+
+    def generation_fields(self) -> dict:
+        """What `save_pretrained` writes beside a folder: the fields that are not component configs."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in GENERATION_FIELDS and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoPresetBase(PresetBase):
+    num_frames: int
+    fps: int
+    min_frames: int = 1
+    max_frames: int
+
+
+GENERATION_FIELDS = ("max_sequence_length", "height", "width", "steps", "guidance_scale", "min_pixels", "max_pixels",
+                     "max_batch", "num_frames", "fps", "min_frames", "max_frames", "decode_chunk")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One module of a pipeline: its attribute / folder subfolder, the submodel exported from it, its class."""
+
+    attr: str  # "transformer" | "unet" | "vae" | "text_encoder"
+    submodel: str  # "transformer" | "unet" | "vae_decoder" | "text_encoder"
+    cls: str  # "diffusers.SanaTransformer2DModel" | "transformers.Gemma2Model"
+    config_cls: str | None = None  # transformers models: their config class ("transformers.Gemma2Config")
+    seed_offset: int = 0  # presets: module seed = preset seed + this (building a subset gives the same weights)
+    kwargs: tuple = ()  # extra (key, value) for construction / from_pretrained, e.g. attn_implementation
+
+    def module_cls(self):
+        lib, name = self.cls.rsplit(".", 1)
+        return getattr(importlib.import_module(lib), name)
+
+    def build(self, config: dict):
+        if self.config_cls is None:
+            return self.module_cls()(**config)
+        lib, name = self.config_cls.rsplit(".", 1)
+        return self.module_cls()(getattr(importlib.import_module(lib), name)(**config, **dict(self.kwargs)))
+
+    def config_object(self, config: dict):
+        lib, name = self.config_cls.rsplit(".", 1)
+        return getattr(importlib.import_module(lib), name)(**config)
+
+    def load(self, path: Path):
+        return self.module_cls().from_pretrained(str(path), use_safetensors=True, **dict(self.kwargs))
+
+    def folder_config(self, folder: Path) -> dict:
+        conf = read_json(folder / self.attr / "config.json")
+        if self.config_cls is None:
+            return {k: v for k, v in conf.items() if not k.startswith("_")}
+        lib, name = self.config_cls.rsplit(".", 1)
+        ccls = getattr(importlib.import_module(lib), name)
+        keys = set(inspect.signature(ccls.__init__).parameters) | set(ccls().to_dict())
+        return {k: v for k, v in conf.items() if k in keys and k not in GENERIC_CONFIG_KEYS}
+
+
+def _token(value) -> str | None:
+    """A special token as tokenizer_config.json / special_tokens_map.json write it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def folder_special_tokens(folder: Path, defaults: dict) -> dict:
+    """The folder tokenizer's own special tokens (pad / eos / bos / unk), from tokenizer_config.json and
+    special_tokens_map.json as transformers reads them; a token a file does not name is None (not the default)."""
+    out = {k: None for k in defaults}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / "tokenizer" / name
+        if path.is_file():
+            conf = read_json(path)
+            for key in out:
+                tok = _token(conf.get(f"{key}_token"))
+                if tok is not None:
+                    out[key] = tok
+    return out
+
+
+@dataclass(kw_only=True)
+class FamilyModel(ABC):
+    """Base of every family's model object: a pipeline's parts. Each component is read as `model.<attr>` (its
+    module, None until built or loaded: big text encoders cost 10+ GB in fp32) and `model.<attr>_config`."""
+
+    name: str
+    source: str  # "preset" or the folder it was loaded from
+    preset: PresetBase  # generation defaults and shape ranges
+    configs: dict  # component attr -> its config
+    scheduler_config: dict
+    tokenizer: object  # tokenizers.Tokenizer
+    modules: dict = field(default_factory=dict)  # component attr -> torch module (built or loaded)
+    # submodel -> digest of its weights as loaded (diffkiln.models.identity): engine directories and
+    # calibrations record it, and artifacts made from other weights of the same architecture are refused
+    weights_ids: dict = field(default_factory=dict)
+    family: str = ""
+    special_tokens: dict = field(default_factory=dict)  # the folder tokenizer's own; presets: SPECIAL_TOKENS
+
+    def __getattr__(self, name: str):
+        attrs = {c.attr for c in type(self).COMPONENTS}
+        d = self.__dict__
+        if name.endswith("_config") and name[: -len("_config")] in attrs and "configs" in d:
+            return d["configs"][name[: -len("_config")]]
+        if name in attrs and "modules" in d:
+            return d["modules"].get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in {c.attr for c in type(self).COMPONENTS}:
+            self.modules[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    FAMILIES: ClassVar[dict[str, str]] = {}  # diffusers pipeline class name -> family
+    COMPONENTS: ClassVar[tuple[Component, ...]] = ()
+    DENOISER: ClassVar[str] = "transformer"
+    # the family's tokenizer special tokens (presets' word-level stand-ins): pad, eos, bos, unk
+    SPECIAL_TOKENS: ClassVar[dict] = {}
+
+    # -- declared by each family -------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def folder_preset(cls, folder: Path, family: str, configs: dict[str, dict], scheduler: dict):
+        """The preset (generation defaults, shape ranges) a diffusers folder implies, from its own configs."""
+
+    @classmethod
+    @abstractmethod
+    def preset_tokenizer(cls, preset):
+        """The locally built tokenizer of a preset."""
+
+    @abstractmethod
+    def family_settings(self) -> dict:
+        """pipeline.json entries only this family has (latent layout, VAE facts, frame rule...)."""
+
+    @abstractmethod
+    def submodels(self, names=None) -> dict:
+        """Export-friendly wrappers with their I/O specs (see `diffkiln.models.submodels`)."""
+
+    def check_config(self, where: str) -> None:
+        """Refuse configs this family's adapter does not implement (default: all supported)."""
+
+    @classmethod
+    def check_scheduler(cls, config: dict, where: str) -> None:
+        """Refuse a scheduler this family's runtime cannot pair with its model (default: any the runtime has)."""
+
+    def prepare_modules(self, modules: dict) -> None:
+        """Freshly built modules of a preset (attr -> module), before the cast: e.g. load trained weights."""
+
+    # -- the same for every family -----------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> str:
+        return self.DENOISER
+
+    def config(self, attr: str) -> dict:
+        return getattr(self, f"{attr}_config")
+
+    def config_hash(self) -> str:
+        """Hash of the effective configs (defaults filled), equal for a preset and its saved folder."""
+        by = {c.attr: c for c in self.COMPONENTS}
+        te = by["text_encoder"]
+        denoiser = next(c for c in self.COMPONENTS if c.submodel == self.DENOISER)
+        return config_hash(self.family, (denoiser.module_cls(), self.config(denoiser.attr)),
+                           (by["vae"].module_cls(), self.config("vae")), te.config_object(self.config("text_encoder")),
+                           self.scheduler_config)
+
+    def tokens(self) -> dict:
+        """Special tokens of this model's tokenizer: pad / eos / bos / unk strings (None where it has none)."""
+        return dict(self.special_tokens or self.SPECIAL_TOKENS)
+
+    def token_id(self, kind: str) -> int | None:
+        tok = self.tokens().get(kind)
+        return None if tok is None else self.tokenizer.token_to_id(tok)
+
+    def hf_tokenizer(self):
+        """The tokenizer wrapped for diffusers (transformers' fast tokenizer with the same special tokens)."""
+        from transformers import PreTrainedTokenizerFast
+
+        specials = {f"{k}_token": v for k, v in self.tokens().items() if v is not None}
+        return PreTrainedTokenizerFast(tokenizer_object=self.tokenizer, model_max_length=self.preset.max_sequence_length,
+                                       **specials)
+
+    def pipeline_settings(self) -> dict:
+        """pipeline.json: everything the runtime needs besides the engines, the tokenizer and the scheduler config
+        (validated into `diffkiln.settings.PipelineSettings` when written and when read)."""
+        from diffkiln.settings import SCHEMA
+
+        p = self.preset
+        pad = self.token_id("pad")
+        common = {
+            "schema": SCHEMA,
+            "family": self.family,
+            "denoiser": self.DENOISER,
+            "max_sequence_length": p.max_sequence_length,
+            "pad_token_id": 0 if pad is None else pad,
+            "pixel_stride": self.pixel_stride,
+            "min_pixels": p.min_pixels,
+            "max_pixels": p.max_pixels,
+            "max_batch": p.max_batch,
+            "defaults": {"height": p.height, "width": p.width, "num_inference_steps": p.steps,
+                         "guidance_scale": p.guidance_scale},
+        }
+        if isinstance(p, VideoPresetBase):
+            common["defaults"].update(num_frames=p.num_frames, fps=p.fps)
+        family = self.family_settings()
+        defaults = family.pop("defaults", {})
+        common.update(family)
+        common["defaults"].update(defaults)
+        return common
+
+    def diffusers_pipeline(self):
+        """diffusers' pipeline over the same modules and the folder's scheduler (the reference the runtime reproduces)."""
+        import diffusers
+
+        cls = getattr(diffusers, next(k for k, v in self.FAMILIES.items() if v == self.family))
+        sched = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
+        parts = {c.attr: getattr(self, c.attr) for c in self.COMPONENTS}
+        return cls(tokenizer=self.hf_tokenizer(), scheduler=sched, **parts)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write a diffusers-format folder (model_index.json + subfolders, safetensors weights)."""
+        from diffkiln.fileio import atomic_write_json
+
+        self.diffusers_pipeline().save_pretrained(str(folder), safe_serialization=True)
+        atomic_write_json(Path(folder) / SETTINGS_FILE, self.preset.generation_fields())
+
+    def with_ranges(self, ranges: dict | None):
+        """Apply user-declared shape ranges (min_size / max_size per side in pixels, max_batch, min_frames /
+        max_frames), checked against this model's stride and frame rule; defaults stay the folder's own."""
+        if not ranges:
+            return self
+        unknown = set(ranges) - set(RANGE_FIELDS)
+        if unknown:
+            raise DiffkilnError(f"unknown shape range(s) {sorted(unknown)}; expected some of {sorted(RANGE_FIELDS)}")
+        video = isinstance(self.preset, VideoPresetBase)
+        changes = {}
+        for key, value in ranges.items():
+            if value is None:
+                continue
+            if key.endswith("frames") and not video:
+                raise DiffkilnError(f"--{key.replace('_', '-')} applies to video models; {self.name} is a "
+                                    f"{self.family} image model")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DiffkilnError(f"{key}={value!r}: expected a positive integer")
+            changes[RANGE_FIELDS[key]] = value
+        p = dataclasses.replace(self.preset, **changes)
+        s = self.pixel_stride
+        for key in ("min_pixels", "max_pixels"):
+            v = getattr(p, key)
+            if v % s:
+                raise DiffkilnError(f"--{'min' if key == 'min_pixels' else 'max'}-size {v} is not a multiple of {s}, "
+                                    f"this model's pixel stride; nearest allowed: {max(s, v // s * s)} or {v // s * s + s}")
+        if p.min_pixels > p.max_pixels:
+            raise DiffkilnError(f"--min-size {p.min_pixels} is larger than --max-size {p.max_pixels}")
+        if video and p.min_frames > p.max_frames:
+            raise DiffkilnError(f"--min-frames {p.min_frames} is larger than --max-frames {p.max_frames}")
+        # the defaults must lie inside the declared ranges (they are the engines' opt point and check shapes)
+        clamp = lambda v, lo, hi: min(max(v, lo), hi)  # noqa: E731
+        p = dataclasses.replace(p, height=clamp(p.height, p.min_pixels, p.max_pixels),
+                                width=clamp(p.width, p.min_pixels, p.max_pixels))
+        if video:
+            p = dataclasses.replace(p, num_frames=self.nearest_frames(clamp(p.num_frames, p.min_frames, p.max_frames), p))
+        self.preset = p
+        return self
+
+    def nearest_frames(self, n: int, preset) -> int:
+        """A valid frame count near `n` within the preset's frame range (video families override the rule)."""
+        return n
+
+
+@dataclass
+class Adapter:
+    """What the registry knows of a family: its model class and presets. One per family module (`ADAPTER`)."""
+
+    model_cls: type
+    presets: dict  # name -> preset (a callable returning the table is accepted: built lazily)
+
+    def __post_init__(self):
+        missing = [m for m in ("folder_preset", "preset_tokenizer", "family_settings", "submodels")
+                   if getattr(self.model_cls, m, None) is None or getattr(getattr(self.model_cls, m),
+                                                                         "__isabstractmethod__", False)]
+        if missing or not self.model_cls.COMPONENTS or not self.model_cls.FAMILIES:
+            raise TypeError(f"{self.model_cls.__name__} does not implement the adapter contract: {missing or 'COMPONENTS'}")
+
+    @property
+    def SUBMODELS(self) -> tuple[str, ...]:  # noqa: N802 (the registry's historical name)
+        order = {"text_encoder": 0}
+        subs = [c.submodel for c in self.model_cls.COMPONENTS]
+        return tuple(sorted(subs, key=lambda s: order.get(s, 1 if s == self.model_cls.DENOISER else 2)))
+
+    @property
+    def PIPELINE_CLASSES(self) -> dict:  # noqa: N802
+        return self.model_cls.FAMILIES
+
+    def table(self) -> dict:
+        return self.presets() if callable(self.presets) else self.presets
+
+    def preset_names(self) -> list[str]:
+        return list(self.table())
+
+    def get_preset(self, name: str):
+        table = self.table()
+        if name not in table:
+            raise DiffkilnError(f"Unknown preset {name!r}; available presets: {', '.join(table)}")
+        return table[name]
+
+    def preset_rows(self) -> list[dict]:
+        """For `diffkiln presets`: parameter counts per module (meta device: no memory, no weights)."""
+        import torch
+
+        rows = []
+        for name, p in self.table().items():
+            with torch.device("meta"):
+                params = {c.attr: sum(x.numel() for x in c.build(getattr(p, c.attr)).parameters())
+                          for c in self.model_cls.COMPONENTS}
+            rows.append({"name": name, "family": self.family_of(p), "params": params, "description": p.description})
+        return rows
+
+    def family_of(self, preset) -> str:
+        return getattr(preset, "family", None) or next(iter(self.model_cls.FAMILIES.values()))
+
+    def load_model(self, source, submodels=None, dtype: str = "float32", ranges: dict | None = None):
+        """A preset name or a local diffusers folder -> the model object with the requested modules built/loaded."""
+        submodels = tuple(submodels) if submodels else self.SUBMODELS
+        folder, tdtype = check_request(source, submodels, self.SUBMODELS, dtype)
+        if folder is not None:
+            model = self._load_folder(folder, submodels, tdtype)
+        else:
+            preset = self.get_preset(str(source))
+            model = self._new(preset.name, "preset", self.family_of(preset), preset,
+                              {c.attr: dict(getattr(preset, c.attr)) for c in self.model_cls.COMPONENTS},
+                              dict(preset.scheduler), self.model_cls.preset_tokenizer(preset), {})
+            model.check_config(f"preset {preset.name}")
+            self._build_modules(model, submodels, tdtype, preset.seed)
+        return model.with_ranges(ranges)
+
+    def _new(self, name, source, family, preset, configs, scheduler, tokenizer, special_tokens):
+        return self.model_cls(name=name, source=source, preset=preset, configs=configs, scheduler_config=scheduler,
+                              tokenizer=tokenizer, family=family, special_tokens=special_tokens)
+
+    def _build_modules(self, model, submodels, dtype, seed: int) -> None:
+        import torch
+
+        built = {}
+        for c in self.model_cls.COMPONENTS:
+            if c.submodel in submodels:
+                torch.manual_seed(seed + c.seed_offset)
+                built[c] = c.build(model.config(c.attr))
+        model.prepare_modules({c.attr: m for c, m in built.items()})
+        for c, module in built.items():
+            setattr(model, c.attr, loaded(model, c.submodel, module, dtype))
+
+    def _load_folder(self, folder: Path, submodels, dtype):
+        from tokenizers import Tokenizer
+
+        from diffkiln.runtime.schedulers import scheduler_from_config
+
+        cls = read_json(folder / "model_index.json").get("_class_name")
+        if cls not in self.model_cls.FAMILIES:
+            raise DiffkilnError(f"{folder}: pipeline class {cls!r} is not supported; expected one of "
+                                f"{list(self.model_cls.FAMILIES)}")
+        family = self.model_cls.FAMILIES[cls]
+        configs = {c.attr: c.folder_config(folder) for c in self.model_cls.COMPONENTS}
+        sconf = read_json(folder / "scheduler" / "scheduler_config.json")
+        try:  # refused here, at build, not at the first generate
+            scheduler_from_config(sconf)
+        except (ValueError, DiffkilnError) as e:
+            raise DiffkilnError(f"{folder}/scheduler/scheduler_config.json: {e}") from None
+        self.model_cls.check_scheduler(sconf, f"{folder}/scheduler/scheduler_config.json")
+        tok_file = folder / "tokenizer" / "tokenizer.json"
+        if not tok_file.is_file():
+            raise DiffkilnError(f"{folder}: tokenizer/tokenizer.json is missing (a fast tokenizer file is required; "
+                                "save the tokenizer with transformers' fast tokenizer class)")
+        preset = self.model_cls.folder_preset(folder, family, configs, sconf)
+        if (folder / SETTINGS_FILE).is_file():
+            saved = {k: v for k, v in read_json(folder / SETTINGS_FILE).items()
+                     if k in {f.name for f in dataclasses.fields(preset)} and k in GENERATION_FIELDS}
+            preset = dataclasses.replace(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        model = self._new(folder.name, str(folder.resolve()), family, preset, configs, sconf,
+                          Tokenizer.from_file(str(tok_file)),
+                          folder_special_tokens(folder, self.model_cls.SPECIAL_TOKENS))
+        model.check_config(str(folder))
+        for c in self.model_cls.COMPONENTS:
+            if c.submodel in submodels:
+                check_safetensors(folder / c.attr)
+                setattr(model, c.attr, loaded(model, c.submodel, c.load(folder / c.attr), dtype))
+        return model
+

@@ -1,0 +1,96 @@
+"""pipeline.json: the typed, versioned settings every runtime pipeline reads from an engine directory.
+
+The adapter writes them (`FamilyModel.pipeline_settings`); the runtime validates them on load, so a wrong type,
+a missing key or an engine directory from an older diffkiln is one clear error, not a KeyError mid-generation.
+Keys common to every family are typed fields; a family's own keys (latent layout, VAE facts, frame rule) are
+kept in `extra` and read with `settings["key"]`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from diffkiln.errors import DiffkilnError
+
+SCHEMA = 2  # 2: typed settings with family, denoiser role, pad token id (2026-11-30)
+FAMILIES = ("sana", "sana-sprint", "sana-video", "cogvideox", "text-to-video-ms")
+
+
+def _int(where: str, key: str, v, lo: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise DiffkilnError(f"{where}: {key}={v!r}; expected an integer >= {lo}")
+    return v
+
+
+def _num(where: str, key: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise DiffkilnError(f"{where}: {key}={v!r}; expected a finite number")
+    return v
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    schema: int
+    family: str
+    denoiser: str
+    max_sequence_length: int
+    pad_token_id: int
+    pixel_stride: int
+    min_pixels: int
+    max_pixels: int
+    max_batch: int
+    defaults: dict
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d, where: str = "pipeline.json") -> PipelineSettings:
+        if not isinstance(d, dict):
+            raise DiffkilnError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        if d.get("schema") != SCHEMA:
+            raise DiffkilnError(f"{where}: settings schema {d.get('schema')!r}; this diffkiln reads schema {SCHEMA}. "
+                                "Rebuild the engine directory with this version: diffkiln build MODEL OUT --overwrite")
+        names = [f.name for f in fields(cls) if f.name != "extra"]
+        missing = [k for k in names if k not in d]
+        if missing:
+            raise DiffkilnError(f"{where}: missing {missing}")
+        if d["family"] not in FAMILIES:
+            raise DiffkilnError(f"{where}: family={d['family']!r}; expected one of {FAMILIES}")
+        if d["denoiser"] not in ("transformer", "unet"):
+            raise DiffkilnError(f"{where}: denoiser={d['denoiser']!r}; expected 'transformer' or 'unet'")
+        for k in ("max_sequence_length", "pixel_stride", "min_pixels", "max_pixels", "max_batch"):
+            _int(where, k, d[k])
+        _int(where, "pad_token_id", d["pad_token_id"], lo=0)
+        if d["min_pixels"] > d["max_pixels"]:
+            raise DiffkilnError(f"{where}: min_pixels {d['min_pixels']} > max_pixels {d['max_pixels']}")
+        defaults = d["defaults"]
+        if not isinstance(defaults, dict):
+            raise DiffkilnError(f"{where}: defaults must be an object")
+        for k in ("height", "width", "num_inference_steps", "num_frames", "fps"):
+            if k in defaults:
+                _int(where, f"defaults.{k}", defaults[k])
+        if "guidance_scale" in defaults:
+            _num(where, "defaults.guidance_scale", defaults["guidance_scale"])
+        return cls(**{k: d[k] for k in names}, extra={k: v for k, v in d.items() if k not in names})
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
+
+    # mapping access, so a family's own keys read like the common ones
+    def __getitem__(self, key: str):
+        if key in self.extra:
+            return self.extra[key]
+        if key in {f.name for f in fields(self)}:
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def get(self, key: str, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key, None) is not None
