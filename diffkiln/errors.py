@@ -1,8 +1,14 @@
 """The one exception type diffkiln raises for bad input, bad files and unsupported requests."""
 
 
-class DiffkilnError(Exception):
-    """A problem the user can fix; the message names the problem and the allowed values."""
+class DiffkilnError(ValueError):
+    """A problem the user can fix; the message names the problem and the allowed values.
+
+    A ValueError too, so callers that catch ValueError around a diffkiln call keep working."""
+
+
+class FileRefused(DiffkilnError):
+    """A file diffkiln was asked to read or replace is unsafe or malformed (hostile input, not a bug)."""
 
 
 def require(module: str, extra: str):

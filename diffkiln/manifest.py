@@ -1,22 +1,37 @@
 """The engine directory's manifest: what was built, from what, with which tools, and how close it is to eager.
 
 An engine directory holds `manifest.json`, the runtime's own files (tokenizer.json,
-scheduler.json, pipeline.json) and the engine files of one or more backends. Loading
-verifies the schema, that every listed file exists, and (by default) every sha256.
+scheduler.json, pipeline.json) and the engine files of one or more backends. Loading reads the
+manifest with the strict JSON reader, checks the type of every field, that every listed file is a
+relative path resolving to a regular file inside the directory (no `..`, no absolute path, no
+link leading out), that the runtime files and every engine file are listed, and (by default)
+every sha256. Files are opened only through `path_of` / `read_listed_json`, which refuse
+anything the manifest does not list.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import re
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from diffkiln.errors import DiffkilnError
-from diffkiln.fileio import atomic_write_json, sha256_file
+from diffkiln.errors import DiffkilnError, FileRefused
+from diffkiln.fileio import (
+    MiB,
+    atomic_write_json,
+    loads_json,
+    read_regular_file,
+    sha256_file,
+)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+RUNTIME_FILES = ("pipeline.json", "scheduler.json", "tokenizer.json")  # listed and hashed in every engine directory
+MAX_MANIFEST_BYTES = 64 * MiB
+# size caps of the runtime's JSON files (a Gemma tokenizer.json is ~35 MB)
+JSON_CAPS = {"pipeline.json": 4 * MiB, "scheduler.json": 1 * MiB, "tokenizer.json": 256 * MiB}
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 # weights dtype of an export -> the precision name engine sets use
 DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -107,7 +122,9 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
+    def from_dict(cls, d: dict, where: str = MANIFEST) -> Manifest:
+        """A manifest from its JSON, every field type-checked (one DiffkilnError naming the key)."""
+        check_manifest_dict(d, where)
         return cls(
             schema_version=d["schema_version"],
             diffkiln_version=d.get("diffkiln_version", ""),
@@ -132,12 +149,17 @@ class Manifest:
         return found[0]
 
     def record_files(self, root: Path) -> None:
-        """Hash every file under root (except the manifest) into `files`."""
+        """Hash every regular file under root (except the manifest) into `files`; links are not followed, so a
+        link is never listed (and a runtime file given as a link is an error)."""
         self.files = {
-            str(p.relative_to(root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != MANIFEST
+            if not p.is_symlink() and p.is_file() and p.relative_to(root).as_posix() != MANIFEST
         }
+        missing = [f for f in RUNTIME_FILES if f not in self.files]
+        if missing:
+            raise DiffkilnError(f"{root}: runtime files {missing} are missing (or links); an engine directory holds "
+                                f"{list(RUNTIME_FILES)} as regular files")
 
     def write(self, root: Path) -> None:
         from diffkiln import __version__
@@ -151,23 +173,15 @@ def read_manifest(root: str | Path, verify: bool = True) -> Manifest:
     """Load and validate an engine directory's manifest; with verify, check every file's sha256."""
     root = Path(root)
     path = root / MANIFEST
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise DiffkilnError(f"{root} is not an engine directory: {MANIFEST} is missing (build one with `diffkiln build`)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DiffkilnError(f"{path} is corrupted: not valid JSON ({e})") from e
+    data = loads_json(read_regular_file(path, MAX_MANIFEST_BYTES, "manifest"), f"{path} is corrupted")
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
         raise DiffkilnError(f"{path}: schema_version {version!r} is not supported; expected {SCHEMA_VERSION}")
-    try:
-        manifest = Manifest.from_dict(data)
-    except (KeyError, TypeError) as e:
-        raise DiffkilnError(f"{path} is malformed: {type(e).__name__}: {e}") from e
+    manifest = Manifest.from_dict(data, str(path))
     for rel, info in manifest.files.items():
-        p = root / rel
-        if not p.is_file():
-            raise DiffkilnError(f"{root}: file {rel} listed in the manifest is missing")
+        p = path_of(root, rel)
         size = p.stat().st_size
         if size != info["bytes"]:
             raise DiffkilnError(f"{root}: file {rel} has {size} bytes, the manifest says {info['bytes']}: truncated or replaced")
@@ -179,3 +193,160 @@ def read_manifest(root: str | Path, verify: bool = True) -> Manifest:
                     "the file was modified or corrupted; rebuild the engine directory"
                 )
     return manifest
+
+
+# -- confinement: every file opened is listed, hashed and inside the directory ---------------------------------
+def check_relpath(rel, where: str = MANIFEST) -> str:
+    """A manifest file name: a non-empty relative POSIX path without `..`, `.` or empty parts."""
+    if not isinstance(rel, str) or not rel:
+        raise FileRefused(f"{where}: file name {rel!r}; expected a non-empty relative path string")
+    if "\\" in rel or "\x00" in rel or any(ord(c) < 32 for c in rel):
+        raise FileRefused(f"{where}: file name {rel!r} holds a backslash or control character; expected a plain relative path")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute():
+        raise FileRefused(f"{where}: file name {rel!r} is absolute; expected a path relative to the engine directory")
+    if any(part in ("..", ".", "") for part in rel.split("/")):
+        raise FileRefused(f"{where}: file name {rel!r} has '..', '.' or empty parts; expected a plain relative path "
+                          "inside the engine directory")
+    return rel
+
+
+def path_of(root: str | Path, rel, manifest: Manifest | None = None) -> Path:
+    """The resolved path of engine-directory file `rel`: listed in `manifest` (when given), relative, resolving
+    (links followed) to a regular file inside `root`. Call it before opening any file of an engine directory."""
+    root = Path(root)
+    check_relpath(rel, f"{root / MANIFEST}")
+    if manifest is not None and rel not in manifest.files:
+        raise FileRefused(f"{root}: file {rel!r} is not listed in {MANIFEST}; only listed (hashed) files are loaded. "
+                          "Rebuild the engine directory")
+    base = root.resolve()
+    p = (base / rel).resolve()
+    if base not in p.parents:
+        raise FileRefused(f"{root}: file {rel!r} resolves to {p}, outside the engine directory; links leading out "
+                          "are refused")
+    if not p.exists():
+        raise DiffkilnError(f"{root}: file {rel} listed in the manifest is missing")
+    if not p.is_file():
+        raise FileRefused(f"{root}: file {rel!r} is not a regular file (a directory, FIFO or device); expected a "
+                          "regular file")
+    return p
+
+
+def read_listed_bytes(root: str | Path, manifest: Manifest, rel: str, max_bytes: int) -> bytes:
+    """The bytes of listed file `rel`, read once and checked against the manifest's size and sha256."""
+    p = path_of(root, rel, manifest)
+    data = read_regular_file(p, max_bytes, f"{Path(root).name}/{rel}")
+    info = manifest.files[rel]
+    if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise DiffkilnError(f"{root}: file {rel} does not match the manifest's size and sha256: modified or "
+                            "corrupted; rebuild the engine directory")
+    return data
+
+
+def read_listed_json(root: str | Path, manifest: Manifest, rel: str, max_bytes: int | None = None):
+    """A listed JSON file (pipeline.json, scheduler.json, ...) through the strict reader, after its hash check."""
+    cap = max_bytes or JSON_CAPS.get(rel, 16 * MiB)
+    return loads_json(read_listed_bytes(root, manifest, rel, cap), f"{Path(root) / rel}")
+
+
+# -- typed checks of manifest.json -----------------------------------------------------------------------------
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+
+
+def _typed(where: str, key: str, v, kind):
+    ok = isinstance(v, kind) and not isinstance(v, bool) if kind in (int, float, (int, float)) else isinstance(v, kind)
+    if not ok:
+        want = _KINDS.get(kind, "a number")
+        raise FileRefused(f"{where}: {key} is {type(v).__name__} {str(v)[:60]!r}; expected {want}")
+    return v
+
+
+def _exact_keys(where: str, key: str, d: dict, required: tuple, optional: tuple = ()) -> None:
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise FileRefused(f"{where}: {key} lacks {missing}; expected keys {list(required)}")
+    unknown = [k for k in d if k not in required + optional]
+    if unknown:
+        raise FileRefused(f"{where}: {key} has unknown keys {unknown[:5]}; expected {list(required + optional)}")
+
+
+def _check_tensor(where: str, key: str, t) -> None:
+    _typed(where, key, t, dict)
+    _exact_keys(where, key, t, ("name", "dtype", "shape"))
+    _typed(where, f"{key}.name", t["name"], str)
+    if t["dtype"] not in DTYPES:
+        raise FileRefused(f"{where}: {key}.dtype={t['dtype']!r}; expected one of {DTYPES}")
+    for i, d in enumerate(_typed(where, f"{key}.shape", t["shape"], list)):
+        if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and not 0 <= d <= 1 << 31):
+            raise FileRefused(f"{where}: {key}.shape[{i}]={d!r}; expected a size in [0, 2**31] or a dim name")
+
+
+def _check_submodel(where: str, key: str, s) -> None:
+    _typed(where, key, s, dict)
+    _exact_keys(where, key, s, ("name", "inputs", "outputs", "dims"), ("multiples",))
+    _typed(where, f"{key}.name", s["name"], str)
+    for io in ("inputs", "outputs"):
+        for i, t in enumerate(_typed(where, f"{key}.{io}", s[io], list)):
+            _check_tensor(where, f"{key}.{io}[{i}]", t)
+    for dim, r in _typed(where, f"{key}.dims", s["dims"], dict).items():
+        if (not isinstance(r, list) or len(r) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in r)
+                or not 0 <= r[0] <= r[1] <= 1 << 31):
+            raise FileRefused(f"{where}: {key}.dims.{dim}={r!r}; expected [min, max] integers, 0 <= min <= max")
+    for dim, m in _typed(where, f"{key}.multiples", s.get("multiples", {}), dict).items():
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise FileRefused(f"{where}: {key}.multiples.{dim}={m!r}; expected an integer >= 1")
+
+
+def _check_engine(where: str, key: str, e, listed: dict) -> None:
+    _typed(where, key, e, dict)
+    _exact_keys(where, key, e, ("backend", "precision", "target", "files"),
+                ("parity", "options", "tool_versions", "build_seconds"))
+    for k in ("backend", "precision", "target"):
+        _typed(where, f"{key}.{k}", e[k], str)
+    for k in ("parity", "options", "tool_versions", "build_seconds"):
+        _typed(where, f"{key}.{k}", e.get(k, {}), dict)
+    for name, files in _typed(where, f"{key}.files", e["files"], dict).items():
+        if not isinstance(files, list) or not files:
+            raise FileRefused(f"{where}: {key}.files.{name} is {files!r}; expected a non-empty list of file names")
+        for f in files:
+            check_relpath(f, where)
+            if f not in listed:
+                raise FileRefused(f"{where}: {key}.files.{name} names {f!r}, which is not listed (hashed) in files; "
+                                  "rebuild the engine directory")
+    for name, recs in e.get("parity", {}).items():
+        if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+            raise FileRefused(f"{where}: {key}.parity.{name}; expected a list of objects")
+    for name, sec in e.get("build_seconds", {}).items():
+        _typed(where, f"{key}.build_seconds.{name}", sec, (int, float))
+
+
+def check_manifest_dict(d, where: str = MANIFEST) -> None:
+    """Type-check a manifest's JSON: one error naming the key and the expected type."""
+    _typed(where, "the manifest", d, dict)
+    _exact_keys(where, "the manifest", d, ("schema_version", "model", "submodels", "engines", "files"),
+                ("diffkiln_version", "created"))
+    _typed(where, "schema_version", d["schema_version"], int)
+    for k in ("diffkiln_version", "created"):
+        _typed(where, k, d.get(k, ""), str)
+    model = _typed(where, "model", d["model"], dict)
+    for k in ("name", "source", "family", "config_hash"):
+        if k in model:
+            _typed(where, f"model.{k}", model[k], str)
+    files = _typed(where, "files", d["files"], dict)
+    for rel, info in files.items():
+        check_relpath(rel, where)
+        _typed(where, f"files.{rel}", info, dict)
+        _exact_keys(where, f"files.{rel}", info, ("sha256", "bytes"))
+        if not isinstance(info["sha256"], str) or not _SHA.match(info["sha256"]):
+            raise FileRefused(f"{where}: files.{rel}.sha256={str(info['sha256'])[:70]!r}; expected 64 lowercase hex digits")
+        if isinstance(info["bytes"], bool) or not isinstance(info["bytes"], int) or info["bytes"] < 0:
+            raise FileRefused(f"{where}: files.{rel}.bytes={info['bytes']!r}; expected an integer >= 0")
+    missing = [f for f in RUNTIME_FILES if f not in files]
+    if missing:
+        raise FileRefused(f"{where}: runtime files {missing} are not listed in files; every engine directory lists "
+                          f"{list(RUNTIME_FILES)}. Rebuild it with this diffkiln")
+    for name, s in _typed(where, "submodels", d["submodels"], dict).items():
+        _check_submodel(where, f"submodels.{name}", s)
+    for i, e in enumerate(_typed(where, "engines", d["engines"], list)):
+        _check_engine(where, f"engines[{i}]", e, files)

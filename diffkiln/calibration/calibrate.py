@@ -9,7 +9,6 @@ included. Videos are sampled at the smallest size the model takes and few frames
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,7 +133,7 @@ def save(cal: Calibration, out: str | Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, marker=META) as tmp:
         tensors = {f"{layer}.{k}": torch.tensor([float(v)], dtype=torch.float32)
                    for layer, rec in cal.amax.items() for k, v in rec.items()}
         save_file(tensors, str(tmp / TENSORS))
@@ -142,21 +141,64 @@ def save(cal: Calibration, out: str | Path) -> None:
         atomic_write_json(tmp / META, meta)
 
 
+AMAX_KEYS = ("max", "percentile", "mse", "weight")  # ranges a quantized build divides by: finite and > 0
+MAX_META_BYTES = 64 << 20
+
+
+def _check_meta(meta, path: Path) -> dict:
+    """Type-check calibration.json: one error naming the key and the expected type."""
+    where = str(path / META)
+    if not isinstance(meta, dict):
+        raise DiffkilnError(f"{where}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise DiffkilnError(f"{path}: calibration schema {meta.get('schema_version')!r}; this diffkiln reads {SCHEMA_VERSION}")
+    for key, kind in (("model", dict), ("config", dict), ("tensors_sha256", str)):
+        if not isinstance(meta.get(key), kind):
+            raise DiffkilnError(f"{where}: {key}={str(meta.get(key))[:60]!r}; expected {'an object' if kind is dict else 'a string'}")
+    for key in ("config_hash", "name"):
+        if not isinstance(meta["model"].get(key), str):
+            raise DiffkilnError(f"{where}: model.{key}={meta['model'].get(key)!r}; expected a string")
+    if not isinstance(meta["model"].get("weights", {}), dict):
+        raise DiffkilnError(f"{where}: model.weights; expected an object")
+    if meta["config"].get("precision") not in PRECISIONS:
+        raise DiffkilnError(f"{where}: config.precision={meta['config'].get('precision')!r}; expected one of {PRECISIONS}")
+    if meta["config"].get("method") not in METHODS:
+        raise DiffkilnError(f"{where}: config.method={meta['config'].get('method')!r}; expected one of {METHODS}")
+    return meta
+
+
+def check_amax(amax: dict, where: str) -> dict:
+    """Every layer's ranges finite and > 0 (a zero, negative or NaN range quantizes to garbage)."""
+    import math
+
+    for layer, rec in amax.items():
+        missing = [k for k in AMAX_KEYS if k not in rec]
+        if missing:
+            raise DiffkilnError(f"{where}: layer {layer!r} has no {missing} range; expected {list(AMAX_KEYS)}")
+        for k in AMAX_KEYS:
+            v = rec[k]
+            if not (math.isfinite(v) and v > 0):
+                raise DiffkilnError(f"{where}: layer {layer!r} has {k} range {v}; calibration ranges must be finite "
+                                    "and > 0. Recalibrate")
+    return amax
+
+
 def load_calibration(path: str | Path, model=None, precision: str | None = None) -> Calibration:
-    """Read a calibration cache; refuse another schema, a modified file, another model or precision."""
+    """Read a calibration cache; refuse another schema, a modified file, another model or precision, and ranges
+    that are not finite and positive."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.numpy import load
+
+    from diffkiln.fileio import read_json_file, read_regular_file
 
     path = Path(path)
     if not (path / META).is_file() or not (path / TENSORS).is_file():
         raise DiffkilnError(f"{path} is not a calibration directory ({META} and {TENSORS} expected); run `diffkiln calibrate`")
-    try:
-        meta = json.loads((path / META).read_text())
-    except json.JSONDecodeError as e:
-        raise DiffkilnError(f"{path / META} is corrupted: {e}") from None
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise DiffkilnError(f"{path}: calibration schema {meta.get('schema_version')!r}; this diffkiln reads {SCHEMA_VERSION}")
-    if sha256_file(path / TENSORS) != meta.get("tensors_sha256"):
+    meta = _check_meta(read_json_file(path / META, MAX_META_BYTES, "calibration"), path)
+    data = read_regular_file(path / TENSORS, 1 << 30, "calibration tensors")
+    import hashlib
+
+    if hashlib.sha256(data).hexdigest() != meta["tensors_sha256"]:
         raise DiffkilnError(f"{path / TENSORS} does not match its recorded sha256: modified or corrupted; recalibrate")
     if model is not None and meta["model"]["config_hash"] != model.config_hash():
         raise DiffkilnError(f"{path} was calibrated for {meta['model']['name']} (config {meta['model']['config_hash']}); "
@@ -168,11 +210,14 @@ def load_calibration(path: str | Path, model=None, precision: str | None = None)
     if precision is not None and meta["config"]["precision"] != precision:
         raise DiffkilnError(f"{path} holds {meta['config']['precision']} calibration; {precision} was asked for")
     try:
-        tensors = load_file(str(path / TENSORS))
-    except SafetensorError as e:
+        tensors = load(data)
+    except (SafetensorError, ValueError, TypeError) as e:
         raise DiffkilnError(f"{path / TENSORS} could not be read: {e}") from None
     amax: dict[str, dict[str, float]] = {}
     for key, t in tensors.items():
+        if "." not in key or t.size != 1 or t.dtype.kind != "f":
+            raise DiffkilnError(f"{path / TENSORS}: entry {key!r} (shape {list(t.shape)}, {t.dtype}); expected "
+                                "<layer>.<range> holding one float")
         layer, k = key.rsplit(".", 1)
-        amax.setdefault(layer, {})[k] = float(t[0])
-    return Calibration(meta, amax)
+        amax.setdefault(layer, {})[k] = float(t.reshape(-1)[0])
+    return Calibration(meta, check_amax(amax, str(path / TENSORS)))

@@ -1,7 +1,7 @@
 """LoRAs for built engines (MotionDirector-style motion LoRAs on UNet3D first).
 
 Modules, lightest first (the runtime imports only the numpy ones):
-    safetensors_np  read .safetensors with numpy (bf16 widened)             numpy
+    safetensors_np  read .safetensors checked (safetensors numpy reader)    numpy, safetensors
     format          LoRA files -> validated per-weight deltas               numpy
     onnx_weights    read initializers from an ONNX file                    numpy
     apply           deltas -> replacement initializer values                numpy

@@ -20,7 +20,6 @@ scale_path is `temporal_scale` for UNet3D temporal layers (`temp_attentions`, `t
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
+from diffkiln.fileio import loads_json
 from diffkiln.lora.safetensors_np import read_safetensors
 
 TEMPORAL_PARTS = frozenset({"temp_attentions", "temp_convs", "transformer_in"})
@@ -87,15 +87,27 @@ def _config(meta: dict, path: Path) -> dict:
     raw = meta.get(METADATA_KEY)
     if not raw:
         return {}
-    try:
-        conf = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DiffkilnError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON: {e}") from None
+    conf = loads_json(raw, f"{path}: metadata {METADATA_KEY!r}")
+    if not isinstance(conf, dict):
+        raise DiffkilnError(f"{path}: metadata {METADATA_KEY!r} is a {type(conf).__name__}; expected a JSON object")
     prefixed = {k[len(COMPONENT) + 1 :]: v for k, v in conf.items() if k.startswith(COMPONENT + ".")}
     conf = prefixed or conf
     if conf.get("use_dora"):
         raise DiffkilnError(f"{path}: DoRA LoRAs (use_dora=true) are not supported; expected plain LoRA")
-    return {k: conf[k] for k in ("r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora") if k in conf}
+    out = {k: conf[k] for k in ("r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora") if k in conf}
+    for k in ("r", "lora_alpha"):
+        if k in out and not _positive(out[k]):
+            raise DiffkilnError(f"{path}: metadata {k}={out[k]!r}; expected a positive finite number")
+    for k in ("alpha_pattern", "rank_pattern"):
+        if k in out and (not isinstance(out[k], dict) or not all(_positive(v) for v in out[k].values())):
+            raise DiffkilnError(f"{path}: metadata {k}={str(out[k])[:80]}; expected an object of positive numbers")
+    if "use_rslora" in out and not isinstance(out["use_rslora"], bool):
+        raise DiffkilnError(f"{path}: metadata use_rslora={out['use_rslora']!r}; expected true or false")
+    return out
+
+
+def _positive(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < float("inf")
 
 
 def _strip_component(mod: str, key: str, path: Path) -> str | None:
@@ -143,6 +155,8 @@ def read_lora(paths, component: str = COMPONENT) -> Lora:
                 if arr.size != 1:
                     raise DiffkilnError(f"{path}: key {key!r}: expected a scalar alpha, received shape {list(arr.shape)}")
                 alphas[mod] = float(arr.reshape(()))
+                if not alphas[mod] > 0:
+                    raise DiffkilnError(f"{path}: key {key!r}: alpha {alphas[mod]}; expected a positive number")
                 continue
             if form == "proc":
                 mod = f"{mod}.{m.group('proj')}" + (".0" if m.group("proj") == "to_out" else "")
