@@ -262,7 +262,10 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False, protect=(), ma
     """
     final = Path(final)
     _check_replace(final, overwrite, marker, protect)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FileRefused(f"Output {final}: cannot create its parent directory ({e.strerror}); is a parent a file?") from None
     with dir_lock(final):
         _check_replace(final, overwrite, marker, protect)  # again under the lock: another writer may have finished
         clean_stale(final)

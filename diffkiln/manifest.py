@@ -339,7 +339,7 @@ def check_manifest_dict(d, where: str = MANIFEST) -> None:
         _typed(where, f"files.{rel}", info, dict)
         _exact_keys(where, f"files.{rel}", info, ("sha256", "bytes"))
         if not isinstance(info["sha256"], str) or not _SHA.match(info["sha256"]):
-            raise FileRefused(f"{where}: files.{rel}.sha256={str(info['sha256'])[:70]!r}; expected 64 lowercase hex digits")
+            raise FileRefused(f"{where}: files.{rel}.sha256={repr(info['sha256'])[:80]}; expected 64 lowercase hex digits")
         if isinstance(info["bytes"], bool) or not isinstance(info["bytes"], int) or info["bytes"] < 0:
             raise FileRefused(f"{where}: files.{rel}.bytes={info['bytes']!r}; expected an integer >= 0")
     missing = [f for f in RUNTIME_FILES if f not in files]

@@ -50,8 +50,8 @@ def check_output_path(path, suffixes=tuple(IMAGE_FORMATS), what: str = "image") 
     ancestor a writable directory, the path itself not a directory), never a file of an engine directory."""
     path = Path(path)
     if path.suffix.lower() not in suffixes:
-        raise DiffkilnError(f"output {path}: suffix {path.suffix or '(none)'!r} does not name a {what} format; "
-                            f"expected one of {', '.join(suffixes)}")
+        raise DiffkilnError(f"output {path}: suffix {path.suffix or '(none)'!r} is not a {what} format diffkiln "
+                            f"writes; expected one of {', '.join(suffixes)}")
     if path.is_dir():
         raise DiffkilnError(f"output {path} is a directory; expected a file name ending in {', '.join(suffixes)}")
     parent = path.absolute().parent
