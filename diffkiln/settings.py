@@ -35,6 +35,7 @@ class PipelineSettings:
     family: str
     denoiser: str
     max_sequence_length: int
+    flow: bool
     pad_token_id: int
     pixel_stride: int
     min_pixels: int
@@ -56,6 +57,8 @@ class PipelineSettings:
             raise DiffkilnError(f"{where}: missing {missing}")
         if d["family"] not in FAMILIES:
             raise DiffkilnError(f"{where}: family={d['family']!r}; expected one of {FAMILIES}")
+        if not isinstance(d["flow"], bool):
+            raise DiffkilnError(f"{where}: flow={d['flow']!r}; expected true or false")
         if d["denoiser"] not in ("transformer", "unet"):
             raise DiffkilnError(f"{where}: denoiser={d['denoiser']!r}; expected 'transformer' or 'unet'")
         for k in ("max_sequence_length", "pixel_stride", "min_pixels", "max_pixels", "max_batch"):

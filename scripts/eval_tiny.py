@@ -11,8 +11,8 @@ from pathlib import Path
 torch.set_flush_denormal(True)
 from diffkiln.models.sana import load_model
 from diffkiln.benchmarks.eager import eager_pipeline
-from diffkiln.models.shapes.dataset import split_combinations, caption, render, blur_and_noise, all_combinations, ATTRIBUTES
-from diffkiln.models.shapes.grader import prompt_accuracy, grade
+from diffkiln.training.dataset import split_combinations, caption, render, blur_and_noise, all_combinations, ATTRIBUTES
+from diffkiln.training.grader import prompt_accuracy, grade
 train_facts = json.loads(Path(sys.argv[1]).read_text())
 pipe = eager_pipeline(load_model("tiny-sana"))
 _, held = split_combinations()

@@ -32,7 +32,7 @@ def test_builtin_prompts_and_split():
 def test_shapes_prompts_hold_out_the_unseen_captions():
     from diffkiln.benchmarks.quality import prompt_accuracy
     from diffkiln.calibration.prompts import read_prompts, split
-    from diffkiln.models.shapes.dataset import caption, split_combinations
+    from diffkiln.training.dataset import caption, split_combinations
 
     calib, held = split(read_prompts("shapes"))
     train, unseen = split_combinations()

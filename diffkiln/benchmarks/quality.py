@@ -89,8 +89,8 @@ def first_output(out) -> np.ndarray:
 def prompt_accuracy(prompts: list[str], refs: list, cands: list) -> dict | None:
     """When every prompt is a shapes caption (the tiny model's), the grader's verdict on both sides:
     {"reference": rate, "candidate": rate, "agree": rate}; None for other prompts."""
-    from diffkiln.models.shapes.dataset import parse_caption
-    from diffkiln.models.shapes.grader import grade
+    from diffkiln.training.dataset import parse_caption
+    from diffkiln.training.grader import grade
 
     try:
         targets = [parse_caption(p) for p in prompts]

@@ -12,13 +12,12 @@ import inspect
 
 from diffkiln.errors import DiffkilnError
 from diffkiln.export.quantize import (
-    DENOISERS,
     denoiser_module,
     denoiser_name,
     denoiser_submodel,
 )
 
-__all__ = ["DENOISERS", "call_feeds", "denoiser_module", "denoiser_name", "denoiser_submodel", "fewest_frames",
+__all__ = ["call_feeds", "denoiser_module", "denoiser_name", "denoiser_submodel", "fewest_frames",
            "pipeline_call", "sampler_defaults", "sampler_shape"]
 MIN_VIDEO_FRAMES = 4  # video calibration: the fewest frames the model takes that are at least this (or its default)
 

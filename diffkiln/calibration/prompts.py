@@ -3,7 +3,7 @@
 Every set is split the same way: each 5th prompt (indices 4, 9, ...) is held out for quality
 reports and never used to compute scales.
 
-"shapes" is the captions set of the built-in tiny model (diffkiln.models.shapes): 800 training
+"shapes" is the captions set of the built-in tiny model (diffkiln.training): 800 training
 captions and the dataset's 200 held-out captions, interleaved so that the split above holds out
 exactly the captions the model never saw in training. Its images can be graded (prompt accuracy).
 """
@@ -24,7 +24,7 @@ JSONL_KEYS = ("prompt", "caption", "text")
 
 def shapes_prompts() -> list[str]:
     """The tiny model's captions: 4 training captions (a fixed subset), then 1 held-out, 200 times."""
-    from diffkiln.models.shapes.dataset import caption, split_combinations
+    from diffkiln.training.dataset import caption, split_combinations
 
     train, held = split_combinations()
     order = np.random.Generator(np.random.PCG64(0)).permutation(len(train))[: 4 * len(held)]

@@ -15,24 +15,9 @@ from diffkiln.plugins.formats import E4M3_MAX, fp8_scale
 
 QDQ_OPSET = 21
 GEMM_OPS = ("MatMul", "Gemm", "Conv")
-DENOISERS = ("transformer", "unet")  # the submodel names a denoiser goes by (model.denoiser)
-
-
 def denoiser_name(model) -> str:
-    """The denoiser's submodel name: `model.denoiser`, else the one of DENOISERS the adapter declares."""
-    name = getattr(model, "denoiser", None)
-    if name:
-        return name
-    from diffkiln.models.registry import adapters
-
-    family = getattr(model, "family", "?")
-    for mod in adapters():
-        if type(model).__module__ == mod.__name__:
-            found = [n for n in mod.SUBMODELS if n in DENOISERS]
-            if len(found) == 1:
-                return found[0]
-    raise DiffkilnError(f"family {family!r}: its model names no denoiser (expected one of {DENOISERS}); "
-                        "calibration and quantization do not support it")
+    """The denoiser's submodel name, as the model's adapter declares it ("transformer" or "unet")."""
+    return model.denoiser
 
 
 def denoiser_module(model, what: str = "calibration"):
@@ -299,4 +284,4 @@ def install_quantized_set(manifest, base, precision: str, files: list[str], pari
     return entry
 
 
-__all__ = ["DENOISERS", "E4M3_MAX", "add_fp8_engine_set", "calibration_facts", "denoiser_module", "denoiser_name", "denoiser_submodel", "eager_runner", "fake_quantize_fp8", "fp8_scales", "insert_fp8_qdq", "install_quantized_set", "layer_of", "measure_quantized", "ort_runner", "quantized_denoiser", "replace_nodes", "sqnr_db"]
+__all__ = ["E4M3_MAX", "add_fp8_engine_set", "calibration_facts", "denoiser_module", "denoiser_name", "denoiser_submodel", "eager_runner", "fake_quantize_fp8", "fp8_scales", "insert_fp8_qdq", "install_quantized_set", "layer_of", "measure_quantized", "ort_runner", "quantized_denoiser", "replace_nodes", "sqnr_db"]

@@ -45,8 +45,10 @@ class PresetBase:
 
     name: str
     description: str
+    vae: dict
+    text_encoder: dict
     scheduler: dict
-    max_sequence_length: int = 300
+    max_sequence_length: int
     height: int
     width: int
     steps: int
@@ -71,6 +73,30 @@ class VideoPresetBase(PresetBase):
     max_frames: int
 
 
+def size_defaults(native: int, stride: int) -> dict:
+    """A folder's natural size (its config's sample size in pixels) and the range engines are built for by default:
+    half to twice it, on the stride."""
+    native = max(stride, native // stride * stride)
+    return dict(height=native, width=native, min_pixels=max(stride, native // 2 // stride * stride),
+                max_pixels=native * 2)
+
+
+def family_defaults(family_pipeline: str, **known) -> dict:
+    """Generation defaults a diffusers folder does not record: those of its pipeline's `__call__` (steps,
+    guidance, frames, text length), overridden by `known` (sizes and frames read from the folder's configs)."""
+    import diffusers
+
+    params = inspect.signature(getattr(diffusers, family_pipeline).__call__).parameters
+    names = {"steps": "num_inference_steps", "guidance_scale": "guidance_scale", "num_frames": "num_frames",
+             "max_sequence_length": "max_sequence_length"}
+    out = {k: params[v].default for k, v in names.items()
+           if v in params and isinstance(params[v].default, (int, float)) and not isinstance(params[v].default, bool)}
+    if "num_frames" not in out and "frames" in params:  # SanaVideoPipeline calls it `frames`
+        out["num_frames"] = params["frames"].default
+    out.update(known)
+    return out
+
+
 GENERATION_FIELDS = ("max_sequence_length", "height", "width", "steps", "guidance_scale", "min_pixels", "max_pixels",
                      "max_batch", "num_frames", "fps", "min_frames", "max_frames", "decode_chunk")
 
@@ -85,6 +111,14 @@ class Component:
     config_cls: str | None = None  # transformers models: their config class ("transformers.Gemma2Config")
     seed_offset: int = 0  # presets: module seed = preset seed + this (building a subset gives the same weights)
     kwargs: tuple = ()  # extra (key, value) for construction / from_pretrained, e.g. attn_implementation
+
+    @classmethod
+    def denoiser(cls, class_path: str, attr: str = "transformer") -> Component:
+        return cls(attr, attr, class_path, seed_offset=1)
+
+    @classmethod
+    def vae(cls, class_path: str) -> Component:
+        return cls("vae", "vae_decoder", class_path, seed_offset=2)
 
     def module_cls(self):
         lib, name = self.cls.rsplit(".", 1)
@@ -174,11 +208,25 @@ class FamilyModel(ABC):
     # the family's tokenizer special tokens (presets' word-level stand-ins): pad, eos, bos, unk
     SPECIAL_TOKENS: ClassVar[dict] = {}
 
+    PRESET_CLASS: ClassVar[type] = PresetBase
+
     # -- declared by each family -------------------------------------------------------------------------------
     @classmethod
     @abstractmethod
+    def folder_sizes(cls, configs: dict[str, dict]) -> dict:
+        """Preset fields a diffusers folder's own configs imply: its natural size and the size range
+        (`size_defaults`), frames, text length..."""
+
+    @classmethod
     def folder_preset(cls, folder: Path, family: str, configs: dict[str, dict], scheduler: dict):
-        """The preset (generation defaults, shape ranges) a diffusers folder implies, from its own configs."""
+        """The preset a diffusers folder implies: `folder_sizes`, then its diffusers pipeline's call defaults."""
+        d = family_defaults(cls.pipeline_name(family), **cls.folder_sizes(configs))
+        if issubclass(cls.PRESET_CLASS, VideoPresetBase):
+            d.setdefault("max_frames", d["num_frames"])
+        if "family" in {f.name for f in dataclasses.fields(cls.PRESET_CLASS)}:
+            d["family"] = family
+        return cls.PRESET_CLASS(name=folder.name, description=f"diffusers folder {folder}", scheduler=scheduler,
+                                **{c.attr: configs[c.attr] for c in cls.COMPONENTS}, **d)
 
     @classmethod
     @abstractmethod
@@ -196,9 +244,22 @@ class FamilyModel(ABC):
     def check_config(self, where: str) -> None:
         """Refuse configs this family's adapter does not implement (default: all supported)."""
 
+    FLOW: ClassVar[bool] = False  # the denoiser predicts flow (Sana's families) rather than noise / v
+
     @classmethod
     def check_scheduler(cls, config: dict, where: str) -> None:
-        """Refuse a scheduler this family's runtime cannot pair with its model (default: any the runtime has)."""
+        """Refuse a scheduler that samples the other kind of model: a flow scheduler for a noise-prediction model
+        or the reverse would run and draw garbage."""
+        name = config.get("_class_name")
+        from diffkiln.runtime.schedulers import predicts_flow
+
+        if predicts_flow(config) != cls.FLOW:
+            want = ("FlowMatchEulerDiscreteScheduler, SCMScheduler (SANA-Sprint) or DPMSolverMultistepScheduler with "
+                    "prediction_type='flow_prediction' and use_flow_sigmas=true" if cls.FLOW else
+                    "DDIM, Euler, DPM-Solver++ (non-flow) or the CogVideoX schedulers")
+            raise DiffkilnError(f"{where}: {name} with prediction_type={config.get('prediction_type')!r}, "
+                                f"use_flow_sigmas={config.get('use_flow_sigmas')!r} does not sample this "
+                                f"{'flow' if cls.FLOW else 'noise-prediction'} model; expected {want}")
 
     def prepare_modules(self, modules: dict) -> None:
         """Freshly built modules of a preset (attr -> module), before the cast: e.g. load trained weights."""
@@ -219,6 +280,33 @@ class FamilyModel(ABC):
         return config_hash(self.family, (denoiser.module_cls(), self.config(denoiser.attr)),
                            (by["vae"].module_cls(), self.config("vae")), te.config_object(self.config("text_encoder")),
                            self.scheduler_config)
+
+    @classmethod
+    def pipeline_name(cls, family: str) -> str:
+        return next(k for k, v in cls.FAMILIES.items() if v == family)
+
+    @classmethod
+    def family_instruction(cls, family: str) -> list[str] | None:
+        """The complex human instruction the family's diffusers pipeline prepends to prompts by default
+        (Sana's families), or None."""
+        import diffusers
+
+        params = inspect.signature(getattr(diffusers, cls.pipeline_name(family)).__call__).parameters
+        default = params["complex_human_instruction"].default if "complex_human_instruction" in params else None
+        return list(default) if default else None
+
+    @property
+    def instruction(self) -> list[str] | None:
+        return self.family_instruction(self.family)
+
+    @property
+    def text_max_length(self) -> int:
+        """Tokens the text encoder sees for a prompt: with an instruction, instruction + prompt as diffusers
+        computes it; else the pipeline's max_sequence_length."""
+        if not self.instruction:
+            return self.preset.max_sequence_length
+        n_chi = len(self.tokenizer.encode("\n".join(self.instruction)).ids)
+        return n_chi + self.preset.max_sequence_length - 2
 
     def tokens(self) -> dict:
         """Special tokens of this model's tokenizer: pad / eos / bos / unk strings (None where it has none)."""
@@ -248,7 +336,9 @@ class FamilyModel(ABC):
             "family": self.family,
             "denoiser": self.DENOISER,
             "max_sequence_length": p.max_sequence_length,
+            "flow": self.FLOW,
             "pad_token_id": 0 if pad is None else pad,
+            "complex_human_instruction": self.instruction,
             "pixel_stride": self.pixel_stride,
             "min_pixels": p.min_pixels,
             "max_pixels": p.max_pixels,
@@ -268,7 +358,7 @@ class FamilyModel(ABC):
         """diffusers' pipeline over the same modules and the folder's scheduler (the reference the runtime reproduces)."""
         import diffusers
 
-        cls = getattr(diffusers, next(k for k, v in self.FAMILIES.items() if v == self.family))
+        cls = getattr(diffusers, self.pipeline_name(self.family))
         sched = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
         parts = {c.attr: getattr(self, c.attr) for c in self.COMPONENTS}
         return cls(tokenizer=self.hf_tokenizer(), scheduler=sched, **parts)
@@ -324,6 +414,10 @@ class FamilyModel(ABC):
         return n
 
 
+def preset_table(*presets) -> dict:
+    return {p.name: p for p in presets}
+
+
 @dataclass
 class Adapter:
     """What the registry knows of a family: its model class and presets. One per family module (`ADAPTER`)."""
@@ -332,7 +426,7 @@ class Adapter:
     presets: dict  # name -> preset (a callable returning the table is accepted: built lazily)
 
     def __post_init__(self):
-        missing = [m for m in ("folder_preset", "preset_tokenizer", "family_settings", "submodels")
+        missing = [m for m in ("folder_sizes", "preset_tokenizer", "family_settings", "submodels")
                    if getattr(self.model_cls, m, None) is None or getattr(getattr(self.model_cls, m),
                                                                          "__isabstractmethod__", False)]
         if missing or not self.model_cls.COMPONENTS or not self.model_cls.FAMILIES:
@@ -409,7 +503,7 @@ class Adapter:
     def _load_folder(self, folder: Path, submodels, dtype):
         from tokenizers import Tokenizer
 
-        from diffkiln.runtime.schedulers import scheduler_from_config
+        from diffkiln.runtime.schedulers import check_scheduler_config
 
         cls = read_json(folder / "model_index.json").get("_class_name")
         if cls not in self.model_cls.FAMILIES:
@@ -419,8 +513,8 @@ class Adapter:
         configs = {c.attr: c.folder_config(folder) for c in self.model_cls.COMPONENTS}
         sconf = read_json(folder / "scheduler" / "scheduler_config.json")
         try:  # refused here, at build, not at the first generate
-            scheduler_from_config(sconf)
-        except (ValueError, DiffkilnError) as e:
+            check_scheduler_config(sconf)
+        except DiffkilnError as e:
             raise DiffkilnError(f"{folder}/scheduler/scheduler_config.json: {e}") from None
         self.model_cls.check_scheduler(sconf, f"{folder}/scheduler/scheduler_config.json")
         tok_file = folder / "tokenizer" / "tokenizer.json"

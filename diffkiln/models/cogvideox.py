@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.models.base import Adapter, Component, FamilyModel, VideoPresetBase
+from diffkiln.models.base import Adapter, Component, FamilyModel, VideoPresetBase, preset_table
 
 FAMILY = "cogvideox"
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")
@@ -39,88 +39,33 @@ T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2
 # presets
 
 COGVIDEOX_DDIM = dict(  # THUDM/CogVideoX-2b scheduler/scheduler_config.json
-    _class_name="CogVideoXDDIMScheduler",
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    clip_sample=False,
-    clip_sample_range=1.0,
-    num_train_timesteps=1000,
-    prediction_type="v_prediction",
-    rescale_betas_zero_snr=True,
-    sample_max_value=1.0,
-    set_alpha_to_one=True,
-    snr_shift_scale=3.0,
-    steps_offset=0,
-    timestep_spacing="trailing",
-    trained_betas=None,
+    _class_name="CogVideoXDDIMScheduler", beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085,
+    clip_sample=False, clip_sample_range=1.0, num_train_timesteps=1000, prediction_type="v_prediction",
+    rescale_betas_zero_snr=True, sample_max_value=1.0, set_alpha_to_one=True, snr_shift_scale=3.0, steps_offset=0,
+    timestep_spacing="trailing", trained_betas=None,
 )
 
 COGVIDEOX_2B_TRANSFORMER = dict(
-    activation_fn="gelu-approximate",
-    attention_bias=True,
-    attention_head_dim=64,
-    dropout=0.0,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    in_channels=16,
-    max_text_seq_length=226,
-    norm_elementwise_affine=True,
-    norm_eps=1e-5,
-    num_attention_heads=30,
-    num_layers=30,
-    out_channels=16,
-    patch_size=2,
-    sample_frames=49,
-    sample_height=60,
-    sample_width=90,
-    spatial_interpolation_scale=1.875,
-    temporal_compression_ratio=4,
-    temporal_interpolation_scale=1.0,
-    text_embed_dim=4096,
-    time_embed_dim=512,
-    timestep_activation_fn="silu",
-    use_learned_positional_embeddings=False,
-    use_rotary_positional_embeddings=False,
+    activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=64, dropout=0.0, flip_sin_to_cos=True,
+    freq_shift=0, in_channels=16, max_text_seq_length=226, norm_elementwise_affine=True, norm_eps=1e-5,
+    num_attention_heads=30, num_layers=30, out_channels=16, patch_size=2, sample_frames=49, sample_height=60,
+    sample_width=90, spatial_interpolation_scale=1.875, temporal_compression_ratio=4,
+    temporal_interpolation_scale=1.0, text_embed_dim=4096, time_embed_dim=512, timestep_activation_fn="silu",
+    use_learned_positional_embeddings=False, use_rotary_positional_embeddings=False,
 )
 
 COGVIDEOX_VAE = dict(
-    act_fn="silu",
-    block_out_channels=[128, 256, 256, 512],
-    down_block_types=["CogVideoXDownBlock3D"] * 4,
-    force_upcast=True,
-    in_channels=3,
-    latent_channels=16,
-    latents_mean=None,
-    latents_std=None,
-    layers_per_block=3,
-    norm_eps=1e-6,
-    norm_num_groups=32,
-    out_channels=3,
-    sample_height=480,
-    sample_width=720,
-    scaling_factor=1.15258426,
-    shift_factor=None,
-    temporal_compression_ratio=4,
-    up_block_types=["CogVideoXUpBlock3D"] * 4,
-    use_post_quant_conv=False,
-    use_quant_conv=False,
+    act_fn="silu", block_out_channels=[128, 256, 256, 512], down_block_types=["CogVideoXDownBlock3D"] * 4,
+    force_upcast=True, in_channels=3, latent_channels=16, latents_mean=None, latents_std=None, layers_per_block=3,
+    norm_eps=1e-6, norm_num_groups=32, out_channels=3, sample_height=480, sample_width=720,
+    scaling_factor=1.15258426, shift_factor=None, temporal_compression_ratio=4,
+    up_block_types=["CogVideoXUpBlock3D"] * 4, use_post_quant_conv=False, use_quant_conv=False,
 )
 
 T5_V11_XXL = dict(  # google/t5-v1_1-xxl encoder (CogVideoX's text_encoder)
-    vocab_size=32128,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    dropout_rate=0.1,
-    layer_norm_epsilon=1e-6,
-    feed_forward_proj="gated-gelu",
-    tie_word_embeddings=False,
-    pad_token_id=0,
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+    layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0,
     eos_token_id=1,
 )
 
@@ -136,64 +81,39 @@ class CogPreset(VideoPresetBase):
     """A named CogVideoX pipeline: component configs plus its diffusers pipeline's generation defaults."""
 
     transformer: dict
-    vae: dict
-    text_encoder: dict
-    max_sequence_length: int = 226
-    height: int = 480
-    width: int = 720
-    num_frames: int = 49
-    fps: int = 8
-    steps: int = 50
-    guidance_scale: float = 6.0
-    # ranges engines are built for: pixels per side, frames (1 + 8k), batch before CFG doubling
-    min_pixels: int = 128
-    max_pixels: int = 768
-    min_frames: int = 5
-    max_frames: int = 49
     # parity shapes of the transformer export: (batch, latent_frames, latent_height, latent_width), traced first
     transformer_parity: tuple = ((2, 4, 16, 16), (1, 2, 16, 24))
 
 
-PRESETS: dict[str, CogPreset] = {
-    p.name: p
-    for p in [
-        CogPreset(
-            name="tiny-cogvideox",
-            description="2-layer CogVideoX transformer (2 heads x 8, patch 2), 4-level causal 3D VAE (f8, t4), "
-                        "2-layer T5; seeded random weights; 32x32 px, 9 frames",
-            transformer=dict(COGVIDEOX_2B_TRANSFORMER, attention_head_dim=8, num_attention_heads=2, num_layers=2,
-                             in_channels=4, out_channels=4, text_embed_dim=16, time_embed_dim=8,
-                             max_text_seq_length=16, sample_frames=9, sample_height=4, sample_width=4,
-                             spatial_interpolation_scale=1.0),
-            vae=dict(COGVIDEOX_VAE, block_out_channels=[8, 8, 16, 16], latent_channels=4, layers_per_block=1,
-                     norm_num_groups=2, sample_height=32, sample_width=32),
-            text_encoder=dict(T5_V11_XXL, vocab_size=128, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-                              relative_attention_num_buckets=8, relative_attention_max_distance=16),
-            scheduler=COGVIDEOX_DDIM,
-            max_sequence_length=16,
-            height=32,
-            width=32,
-            num_frames=9,
-            steps=4,
-            min_pixels=16,
-            max_pixels=64,
-            max_frames=17,
-            max_batch=2,
-            extra_vocab=tuple(TINY_WORDS),
-            transformer_parity=((2, 3, 4, 4), (1, 2, 2, 6)),
-        ),
-        CogPreset(
-            name="cogvideox-2b",
-            description="CogVideoX-2B at 480x720, 49 frames: 30 layers, 30 heads x 64; causal 3D VAE f8t4c16; "
-                        "T5-v1.1-XXL (seeded random weights)",
-            transformer=COGVIDEOX_2B_TRANSFORMER,
-            vae=COGVIDEOX_VAE,
-            text_encoder=T5_V11_XXL,
-            scheduler=COGVIDEOX_DDIM,
-            extra_vocab=tuple(TINY_WORDS),
-        ),
-    ]
-}
+PRESETS = preset_table(
+    CogPreset(
+        name="tiny-cogvideox", description="2-layer CogVideoX transformer (2 heads x 8, patch 2), 4-level causal 3D VAE (f8, t4), "
+                    "2-layer T5; seeded random weights; 32x32 px, 9 frames",
+        transformer=dict(COGVIDEOX_2B_TRANSFORMER, attention_head_dim=8, num_attention_heads=2, num_layers=2,
+                         in_channels=4, out_channels=4, text_embed_dim=16, time_embed_dim=8,
+                         max_text_seq_length=16, sample_frames=9, sample_height=4, sample_width=4,
+                         spatial_interpolation_scale=1.0),
+        vae=dict(COGVIDEOX_VAE, block_out_channels=[8, 8, 16, 16], latent_channels=4, layers_per_block=1,
+                 norm_num_groups=2, sample_height=32, sample_width=32),
+        text_encoder=dict(T5_V11_XXL, vocab_size=128, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                          relative_attention_num_buckets=8, relative_attention_max_distance=16),
+        scheduler=COGVIDEOX_DDIM, max_sequence_length=16, height=32, width=32, num_frames=9, fps=8, steps=4,
+        guidance_scale=6.0, min_pixels=16, max_pixels=64, min_frames=5, max_frames=17, max_batch=2,
+        extra_vocab=tuple(TINY_WORDS),
+        transformer_parity=((2, 3, 4, 4), (1, 2, 2, 6)),
+    ),
+    CogPreset(
+        name="cogvideox-2b",
+        description="CogVideoX-2B at 480x720, 49 frames: 30 layers, 30 heads x 64; causal 3D VAE f8t4c16; "
+                    "T5-v1.1-XXL (seeded random weights)",
+        transformer=COGVIDEOX_2B_TRANSFORMER,
+        vae=COGVIDEOX_VAE,
+        text_encoder=T5_V11_XXL,
+        scheduler=COGVIDEOX_DDIM, max_sequence_length=226, height=480, width=720, num_frames=49, fps=8,
+        steps=50, guidance_scale=6.0, min_pixels=128, max_pixels=768, min_frames=5, max_frames=49,
+        extra_vocab=tuple(TINY_WORDS), transformer_parity=((2, 4, 16, 16), (1, 2, 16, 24)),
+    ),
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,10 +149,11 @@ class CogVideoXModel(FamilyModel):
     """A CogVideoX pipeline's parts. Modules not asked for are None (T5-XXL is 19 GB in fp32)."""
 
     FAMILIES = PIPELINE_CLASSES
+    PRESET_CLASS = CogPreset
     COMPONENTS = (
         Component("text_encoder", "text_encoder", "transformers.T5EncoderModel", "transformers.T5Config"),
-        Component("transformer", "transformer", "diffusers.CogVideoXTransformer3DModel", seed_offset=1),
-        Component("vae", "vae_decoder", "diffusers.AutoencoderKLCogVideoX", seed_offset=2),
+        Component.denoiser("diffusers.CogVideoXTransformer3DModel"),
+        Component.vae("diffusers.AutoencoderKLCogVideoX"),
     )
     SPECIAL_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
 
@@ -241,22 +162,18 @@ class CogVideoXModel(FamilyModel):
         return build_t5_word_tokenizer([" ".join(preset.extra_vocab)], preset.text_encoder["vocab_size"])
 
     @classmethod
-    def folder_preset(cls, folder, family, configs, scheduler):
+    def folder_sizes(cls, configs):
         t, v = configs["transformer"], configs["vae"]
         f = 2 ** (len(v["block_out_channels"]) - 1)
         stride = f * t.get("patch_size", 2)
         h = max(stride, t.get("sample_height", 60) * f // stride * stride)
         w = max(stride, t.get("sample_width", 90) * f // stride * stride)
         comp = int(v.get("temporal_compression_ratio", 4))
-        frames = t.get("sample_frames", 49)
-        frames = max(1, 1 + (frames - 1) // (2 * comp) * 2 * comp)  # the 1 + 8k rule (see family_settings)
-        return CogPreset(name=folder.name, description=f"diffusers folder {folder}", transformer=t, vae=v,
-                         text_encoder=configs["text_encoder"], scheduler=scheduler,
-                         max_sequence_length=t.get("max_text_seq_length", 226), height=h, width=w, num_frames=frames,
-                         min_pixels=max(stride, min(h, w) // 2 // stride * stride), max_pixels=max(h, w),
-                         min_frames=min(frames, 1 + 2 * comp), max_frames=frames,
-                         transformer_parity=((1, cls._latent(frames, comp), h // f, w // f),
-                                             (1, 1, h // f, w // f)))
+        frames = max(1, 1 + (t.get("sample_frames", 49) - 1) // (2 * comp) * 2 * comp)  # the 1 + 8k rule
+        return dict(max_sequence_length=t.get("max_text_seq_length", 226), height=h, width=w, num_frames=frames,
+                    min_pixels=max(stride, min(h, w) // 2 // stride * stride), max_pixels=max(h, w),
+                    min_frames=min(frames, 1 + 2 * comp), max_frames=frames, fps=8,
+                    transformer_parity=((1, cls._latent(frames, comp), h // f, w // f), (1, 1, h // f, w // f)))
 
     @staticmethod
     def _latent(frames: int, comp: int) -> int:
@@ -349,19 +266,11 @@ def _wrappers():
     import torch.nn.functional as F
 
     from diffkiln.models.submodels import cast_like as cast
+    from diffkiln.models.submodels import holding
 
     def dim(x, i):
         """Size of axis i as a 0-d int64 tensor: stays symbolic in a trace (a Python int would be frozen)."""
         return torch._shape_as_tensor(x)[i]
-
-    class TextEncoder(torch.nn.Module):
-        def __init__(self, text_encoder):
-            super().__init__()
-            self.text_encoder = text_encoder
-
-        def forward(self, input_ids):
-            # input_ids [B, L] int64 -> last_hidden_state [B, L, D]; CogVideoX passes no attention mask
-            return self.text_encoder(input_ids=input_ids).last_hidden_state.float()
 
     def sincos(n, dim_out: int, scale: float):
         """diffusers' 1D sin-cos embedding of positions arange(n) / scale -> [n, dim_out], in float32."""
@@ -403,11 +312,7 @@ def _wrappers():
             pe.sample_frames = saved
             del pe._get_positional_embeddings
 
-    class Transformer(torch.nn.Module):
-        def __init__(self, transformer):
-            super().__init__()
-            self.transformer = transformer
-
+    class Transformer(holding("transformer")):
         def forward(self, latents, encoder_hidden_states, timestep):
             # latents [B, F, C, h, w]; encoder_hidden_states [B, L, D]; timestep [B] -> noise_pred [B, F, C, h, w]
             w = next(self.transformer.parameters())
@@ -516,16 +421,16 @@ def _wrappers():
                 raise DiffkilnError(f"VAE decoder used {cache.slot} cache slots; the layout has {len(self.layout)}")
             return torch.cat([x.reshape(x.shape[0], -1), cache.flat_out()], 1).float()
 
-    return TextEncoder, Transformer, VaeDecodeStep
+    return Transformer, VaeDecodeStep
 
 
 def cogvideox_submodels(model: CogVideoXModel, names=None) -> dict:
     """Submodels for the modules present in `model` (or the subset `names`)."""
     from diffkiln.manifest import SubmodelSpec, TensorSpec
-    from diffkiln.models.submodels import Submodel
+    from diffkiln.models.submodels import Submodel, text_encoder_submodel
     from diffkiln.runtime.cogvideox import decoded_frames
 
-    TextEncoder, Transformer, VaeDecodeStep = _wrappers()
+    Transformer, VaeDecodeStep = _wrappers()
     p, tc, f = model.preset, model.transformer_config, model.vae_scale_factor
     lat = (p.min_pixels // f, p.max_pixels // f)
     frames = (model.latent_frames(p.min_frames), model.latent_frames(p.max_frames))
@@ -533,20 +438,7 @@ def cogvideox_submodels(model: CogVideoXModel, names=None) -> dict:
     out = {}
 
     if model.text_encoder is not None:
-        L, D = p.max_sequence_length, model.text_encoder_config["d_model"]
-        vocab = model.text_encoder_config["vocab_size"]
-
-        def sample_te(dims, seed):
-            rng = np.random.default_rng(seed)
-            return {"input_ids": rng.integers(3, vocab, (dims["batch"], L)).astype(np.int64)}
-
-        out["text_encoder"] = Submodel(
-            SubmodelSpec("text_encoder",
-                         inputs=[TensorSpec("input_ids", "int64", ("batch", L))],
-                         outputs=[TensorSpec("last_hidden_state", fdtype, ("batch", L, D))],
-                         dims={"batch": (1, p.max_batch)}),
-            TextEncoder(model.text_encoder), sample_te, [{"batch": 2}, {"batch": 1}],
-        )
+        out["text_encoder"] = text_encoder_submodel(model, model.text_encoder_config["d_model"], masked=False)
 
     if model.transformer is not None:
         C, L, D = tc["in_channels"], tc["max_text_seq_length"], tc["text_embed_dim"]

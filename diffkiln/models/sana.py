@@ -6,30 +6,17 @@ SanaPipeline, SanaSprintPipeline) with a Gemma2 text encoder from transformers.
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.models.base import Adapter, Component, FamilyModel
+from diffkiln.models.base import Adapter, Component, FamilyModel, size_defaults
 from diffkiln.models.presets import PRESETS, Preset
 from diffkiln.models.tokenizer import build_word_tokenizer
 
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")
 PIPELINE_CLASSES = {"SanaPipeline": "sana", "SanaSprintPipeline": "sana-sprint"}
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # trained weights of presets that have them (safetensors)
-
-
-def default_instruction(family: str) -> list[str]:
-    """The complex human instruction the diffusers pipeline prepends to prompts by default."""
-    cls = pipeline_class(family)
-    return list(inspect.signature(cls.__call__).parameters["complex_human_instruction"].default)
-
-
-def pipeline_class(family: str):
-    import diffusers
-
-    return diffusers.SanaSprintPipeline if family == "sana-sprint" else diffusers.SanaPipeline
 
 
 # Sana's families share the Gemma2 text encoder (eager attention: one code path for export and reference) and
@@ -39,44 +26,32 @@ GEMMA2_TEXT = Component("text_encoder", "text_encoder", "transformers.Gemma2Mode
 GEMMA_TOKENS = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
 
 
-class SanaModel(FamilyModel):
-    """A Sana pipeline's parts. Modules not asked for are None (big text encoders cost 10 GB in fp32)."""
+class GemmaTextModel(FamilyModel):
+    """What Sana's families share: the Gemma2 text encoder, its tokenizer layout, the complex human instruction."""
 
-    FAMILIES = PIPELINE_CLASSES
-    COMPONENTS = (
-        GEMMA2_TEXT,
-        Component("transformer", "transformer", "diffusers.SanaTransformer2DModel", seed_offset=1),
-        Component("vae", "vae_decoder", "diffusers.AutoencoderDC", seed_offset=2),
-    )
     SPECIAL_TOKENS = GEMMA_TOKENS
+    FLOW = True
 
     @classmethod
     def preset_tokenizer(cls, preset):
-        return build_word_tokenizer(default_instruction(preset.family) + [" ".join(preset.extra_vocab)],
+        family = getattr(preset, "family", None) or next(iter(cls.FAMILIES.values()))
+        return build_word_tokenizer(cls.family_instruction(family) + [" ".join(preset.extra_vocab)],
                                     preset.text_encoder["vocab_size"])
 
-    @classmethod
-    def folder_preset(cls, folder, family, configs, scheduler):
-        t, v = configs["transformer"], configs["vae"]
-        stride = 2 ** (len(v["encoder_block_out_channels"]) - 1) * t.get("patch_size", 1)
-        native = max(stride, t.get("sample_size", 32) * stride)
-        return Preset(name=folder.name, description=f"diffusers folder {folder}", family=family, transformer=t, vae=v,
-                      text_encoder=configs["text_encoder"], scheduler=scheduler, height=native, width=native,
-                      steps=2 if family == "sana-sprint" else 20, min_pixels=max(stride, native // 2 // stride * stride),
-                      max_pixels=native * 2)
+
+class SanaModel(GemmaTextModel):
+    """A Sana pipeline's parts. Modules not asked for are None (big text encoders cost 10 GB in fp32)."""
+
+    FAMILIES = PIPELINE_CLASSES
+    PRESET_CLASS = Preset
+    COMPONENTS = (GEMMA2_TEXT, Component.denoiser("diffusers.SanaTransformer2DModel"),
+                  Component.vae("diffusers.AutoencoderDC"))
 
     @classmethod
-    def check_scheduler(cls, config: dict, where: str) -> None:
-        """Sana predicts flow; SANA-Sprint is an sCM (TrigFlow) model: refuse pairings that sample garbage."""
-        name = config.get("_class_name")
-        flow = name == "FlowMatchEulerDiscreteScheduler" or (
-            name == "DPMSolverMultistepScheduler" and config.get("prediction_type") == "flow_prediction"
-            and config.get("use_flow_sigmas"))
-        if name == "SCMScheduler" or flow:
-            return
-        raise DiffkilnError(f"{where}: {name} with prediction_type={config.get('prediction_type')!r}; Sana predicts flow: "
-                            "expected SCMScheduler (SANA-Sprint), FlowMatchEulerDiscreteScheduler, or "
-                            "DPMSolverMultistepScheduler with prediction_type='flow_prediction' and use_flow_sigmas=true")
+    def folder_sizes(cls, configs):
+        t, v = configs["transformer"], configs["vae"]
+        stride = 2 ** (len(v["encoder_block_out_channels"]) - 1) * t.get("patch_size", 1)
+        return size_defaults(t.get("sample_size", 32) * stride, stride)
 
     def prepare_modules(self, modules: dict) -> None:
         if self.preset.weights and modules:
@@ -90,16 +65,6 @@ class SanaModel(FamilyModel):
     def pixel_stride(self) -> int:
         return self.vae_scale_factor * self.transformer_config.get("patch_size", 1)
 
-    @property
-    def instruction(self) -> list[str]:
-        return default_instruction(self.family)
-
-    @property
-    def text_max_length(self) -> int:
-        """Token count the text encoder sees for a prompt: instruction + prompt, as diffusers computes it."""
-        n_chi = len(self.tokenizer.encode("\n".join(self.instruction)).ids)
-        return n_chi + self.preset.max_sequence_length - 2
-
     def submodels(self, names=None) -> dict:
         """Export-friendly wrappers with their I/O specs (see `diffkiln.models.submodels`)."""
         from diffkiln.models.submodels import sana_submodels
@@ -107,15 +72,28 @@ class SanaModel(FamilyModel):
         return sana_submodels(self, names)
 
     def family_settings(self) -> dict:
+        import diffusers.pipelines.sana.pipeline_sana as sana
+        import diffusers.pipelines.sana.pipeline_sana_sprint as sprint
+
         t = self.transformer_config
+        # diffusers' aspect-ratio bins for the transformer's sample_size, picked as SanaPipeline /
+        # SanaSprintPipeline pick them (use_resolution_binning) from diffusers' own tables; None when the pipeline
+        # has none for that size (the runtime then refuses binning, naming the sizes that have tables)
+        if self.family == "sana-sprint":
+            tables = {32: sprint.ASPECT_RATIO_1024_BIN}
+        else:
+            tables = {128: sana.ASPECT_RATIO_4096_BIN, 64: sana.ASPECT_RATIO_2048_BIN,
+                      32: sana.ASPECT_RATIO_1024_BIN, 16: sana.ASPECT_RATIO_512_BIN}
+        table = tables.get(t.get("sample_size"))
         return {
-            "complex_human_instruction": self.instruction,
             "latent_channels": t["in_channels"],
             "learned_sigma": t.get("out_channels", t["in_channels"]) // 2 == t["in_channels"],
             "vae_scale_factor": self.vae_scale_factor,
             "vae_scaling_factor": self.vae_config.get("scaling_factor", 1.0),
             "timestep_scale": t.get("timestep_scale", 1.0),
             "guidance_embeds_scale": t.get("guidance_embeds_scale", 0.1) if t.get("guidance_embeds") else None,
+            "resolution_bins": None if table is None else {r: [int(h), int(w)] for r, (h, w) in table.items()},
+            "resolution_bin_sample_sizes": {"sample_size": t.get("sample_size"), "with_tables": sorted(tables)},
         }
 
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from diffkiln.errors import DiffkilnError
 from diffkiln.manifest import SubmodelSpec, TensorSpec
-from diffkiln.models.base import Adapter, Component, FamilyModel, VideoPresetBase
-from diffkiln.models.sana import GEMMA2_TEXT, GEMMA_TOKENS
+from diffkiln.models.base import Adapter, Component, VideoPresetBase, preset_table, size_defaults
+from diffkiln.models.sana import GEMMA2_TEXT, GemmaTextModel
 
 FAMILY = "sana-video"
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")
@@ -38,12 +38,9 @@ SANA_VIDEO_2B = dict(
 # Wan2.1-T2V-1.3B's VAE (AutoencoderKLWan defaults, latents_mean / latents_std included).
 WAN21_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                  temperal_downsample=[False, True, True])
-TINY_TRANSFORMER = dict(
-    in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=2,
-    num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64, caption_channels=64,
-    mlp_ratio=3.0, attention_bias=False, sample_size=2, patch_size=(1, 2, 2), norm_elementwise_affine=False,
-    norm_eps=1e-6, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
-)
+TINY_TRANSFORMER = dict(SANA_VIDEO_2B, in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32,
+                        num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64,
+                        caption_channels=64, sample_size=2, rope_max_seq_len=64)
 # Same structure as Wan 2.1 (3 spatial, 2 temporal upsamplings), 8 base channels; latent statistics made up
 # (far from 0 / 1) so that the runtime's de-normalization is exercised.
 TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
@@ -62,85 +59,46 @@ class VideoPreset(VideoPresetBase):
     """A named Sana-Video pipeline: component configs, generation defaults, the shape ranges engines take."""
 
     transformer: dict
-    vae: dict
-    text_encoder: dict
-    max_sequence_length: int = 300
-    height: int = 480
-    width: int = 832
-    num_frames: int = 81
-    fps: int = 16
-    steps: int = 50
-    guidance_scale: float = 6.0
-    min_pixels: int = 128  # smallest side, pixels
-    max_pixels: int = 896  # largest side, pixels (the 480p aspect-ratio bins reach 896)
-    max_frames: int = 81
 
 
 def _presets() -> dict[str, VideoPreset]:
     from diffkiln.models.presets import GEMMA2_2B, TINY_GEMMA2, TINY_WORDS
 
-    return {p.name: p for p in [
+    return preset_table(
         VideoPreset(
             name="tiny-sana-video",
             description="2-layer Sana-Video transformer (3D RoPE, patch 1x2x2), 8-channel Wan VAE, 2-layer Gemma2; "
                         "seeded random weights",
             transformer=TINY_TRANSFORMER, vae=TINY_VAE, text_encoder=TINY_GEMMA2, scheduler=_flow_dpm(8.0),
-            max_sequence_length=32, height=32, width=32, num_frames=9, fps=8, steps=4, min_pixels=32,
-            max_pixels=64, max_frames=13, max_batch=2, extra_vocab=tuple(TINY_WORDS),
+            max_sequence_length=32, height=32, width=32, num_frames=9, fps=8, steps=4, guidance_scale=6.0,
+            min_pixels=32, max_pixels=64, max_frames=13, max_batch=2, extra_vocab=tuple(TINY_WORDS),
         ),
         VideoPreset(
             name="sana-video-2b",
             description="Sana-Video 2B 480p: 20 layers, hidden 2240, linear attention + 3D RoPE; Wan 2.1 VAE; "
                         "Gemma2-2B (seeded random weights)",
             transformer=SANA_VIDEO_2B, vae=WAN21_VAE, text_encoder=GEMMA2_2B, scheduler=_flow_dpm(8.0),
+            # 480p; the smallest / largest sides of the 480p aspect-ratio bins: 128 / 896 px
+            max_sequence_length=300, height=480, width=832, num_frames=81, fps=16, steps=50, guidance_scale=6.0,
+            min_pixels=128, max_pixels=896, max_frames=81,
         ),
-    ]}
+    )
 
 
-def default_instruction() -> list[str]:
-    """The complex human instruction SanaVideoPipeline prepends to prompts by default."""
-    import diffusers
-
-    return list(inspect.signature(diffusers.SanaVideoPipeline.__call__).parameters["complex_human_instruction"].default)
-
-
-class SanaVideoModel(FamilyModel):
+class SanaVideoModel(GemmaTextModel):
     """A Sana-Video pipeline's parts. Modules not asked for are None."""
 
     FAMILIES = PIPELINE_CLASSES
-    COMPONENTS = (
-        GEMMA2_TEXT,
-        Component("transformer", "transformer", "diffusers.SanaVideoTransformer3DModel", seed_offset=1),
-        Component("vae", "vae_decoder", "diffusers.AutoencoderKLWan", seed_offset=2),
-    )
-    SPECIAL_TOKENS = GEMMA_TOKENS
+    PRESET_CLASS = VideoPreset
+    COMPONENTS = (GEMMA2_TEXT, Component.denoiser("diffusers.SanaVideoTransformer3DModel"),
+                  Component.vae("diffusers.AutoencoderKLWan"))
 
     @classmethod
-    def preset_tokenizer(cls, preset):
-        from diffkiln.models.tokenizer import build_word_tokenizer
-
-        return build_word_tokenizer(default_instruction() + [" ".join(preset.extra_vocab)],
-                                    preset.text_encoder["vocab_size"])
-
-    @classmethod
-    def folder_preset(cls, folder, family, configs, scheduler):
+    def folder_sizes(cls, configs):
         t, v = configs["transformer"], configs["vae"]
-        f = v.get("scale_factor_spatial") or 8
-        stride = f * max(tuple(t.get("patch_size", (1, 2, 2)))[1:])
-        native = max(stride, (t.get("sample_size") or 30) * f // stride * stride)
-        return VideoPreset(name=folder.name, description=f"diffusers folder {folder}", transformer=t, vae=v,
-                           text_encoder=configs["text_encoder"], scheduler=scheduler, height=native, width=native,
-                           min_pixels=max(stride, native // 2 // stride * stride), max_pixels=native * 2)
-
-    @classmethod
-    def check_scheduler(cls, config: dict, where: str) -> None:
-        """The transformer predicts flow: a DPM-Solver / UniPC config without flow sigmas would sample garbage."""
-        if config.get("_class_name") == "DPMSolverMultistepScheduler" and (
-                config.get("prediction_type") != "flow_prediction" or not config.get("use_flow_sigmas")):
-            raise DiffkilnError(
-                f"{where}: DPMSolverMultistepScheduler with prediction_type={config.get('prediction_type')!r}, "
-                f"use_flow_sigmas={config.get('use_flow_sigmas')!r}; Sana-Video predicts flow: expected "
-                "prediction_type='flow_prediction' and use_flow_sigmas=true, or FlowMatchEulerDiscreteScheduler")
+        stride = (v.get("scale_factor_spatial") or 8) * max(tuple(t.get("patch_size", (1, 2, 2)))[1:])
+        # diffusers: sample_size 30 is 480p (f8 x patch 2); frames and steps: SanaVideoPipeline's defaults
+        return dict(size_defaults((t.get("sample_size") or 30) * stride, stride), fps=16)
 
     def check_config(self, where: str) -> None:
         _check_vae(self.vae_config)
@@ -166,16 +124,6 @@ class SanaVideoModel(FamilyModel):
         return self.vae_scale_factor * max(self.patch_size[1:])
 
     @property
-    def instruction(self) -> list[str]:
-        return default_instruction()
-
-    @property
-    def text_max_length(self) -> int:
-        """Tokens the text encoder sees for a prompt: instruction + prompt, as diffusers computes it."""
-        n_chi = len(self.tokenizer.encode("\n".join(self.instruction)).ids)
-        return n_chi + self.preset.max_sequence_length - 2
-
-    @property
     def latent_frames(self) -> tuple[int, int]:
         m = self.vae_scale_factor_temporal
         return (self.preset.min_frames - 1) // m + 1, (self.preset.max_frames - 1) // m + 1
@@ -193,7 +141,6 @@ class SanaVideoModel(FamilyModel):
         p, t = self.preset, self.transformer_config
         mean, std = self.latents_stats()
         return {
-            "complex_human_instruction": self.instruction,
             "latent_channels": t["in_channels"],
             "learned_sigma": (t.get("out_channels") or t["in_channels"]) // 2 == t["in_channels"],
             "vae_scale_factor": self.vae_scale_factor,
@@ -458,9 +405,8 @@ def _transformer_class():
 # -- submodels ---------------------------------------------------------------------------------------------
 def sana_video_submodels(model: SanaVideoModel, names=None) -> dict:
     """Export-friendly wrappers (float32 I/O, casts inside) with their I/O specs and parity shapes."""
-    from diffkiln.models.submodels import Submodel, _mask, _wrappers
+    from diffkiln.models.submodels import Submodel, _mask, text_encoder_submodel
 
-    TextEncoder = _wrappers()[0]  # Sana's
     p, tc = model.preset, model.transformer_config
     f = model.vae_scale_factor
     _, ph, pw = model.patch_size
@@ -470,23 +416,7 @@ def sana_video_submodels(model: SanaVideoModel, names=None) -> dict:
     out: dict[str, Submodel] = {}
 
     if model.text_encoder is not None and (names is None or "text_encoder" in names):
-        L, D = model.text_max_length, model.text_encoder_config["hidden_size"]
-        vocab = model.text_encoder_config["vocab_size"]
-
-        def sample_te(dims, seed):
-            rng = np.random.default_rng(seed)
-            b, s = dims["batch"], dims["text_tokens"]
-            return {"input_ids": rng.integers(4, vocab, (b, s)).astype(np.int64), "attention_mask": _mask(rng, b, s)}
-
-        out["text_encoder"] = Submodel(
-            SubmodelSpec("text_encoder",
-                         inputs=[TensorSpec("input_ids", "int64", ("batch", "text_tokens")),
-                                 TensorSpec("attention_mask", "int64", ("batch", "text_tokens"))],
-                         outputs=[TensorSpec("last_hidden_state", "float32", ("batch", "text_tokens", D))],
-                         dims={"batch": (1, p.max_batch), "text_tokens": (1, L)}),
-            TextEncoder(model.text_encoder), sample_te,
-            [{"batch": min(2, p.max_batch), "text_tokens": L}, {"batch": 1, "text_tokens": p.max_sequence_length}],
-        )
+        out["text_encoder"] = text_encoder_submodel(model, model.text_encoder_config["hidden_size"], masked=True)
 
     if model.transformer is not None and (names is None or "transformer" in names):
         C, L, D = tc["in_channels"], p.max_sequence_length, tc["caption_channels"]

@@ -43,26 +43,24 @@ def cast_like(x, like):
     return x.to(like.dtype) if x is not None and x.is_floating_point() else x
 
 
+def holding(attr: str):
+    """Base of an export wrapper: a torch module holding one pipeline module as `self.<attr>` (the attribute name
+    keeps state-dict keys, LoRA weight maps and quantized layer names those of the pipeline's module)."""
+    import torch
+
+    class Holder(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            setattr(self, attr, module)
+
+    return Holder
+
+
 def _wrappers():
     """Wrappers with float32 I/O whatever the weights' dtype: casts sit inside the graph, so every
     precision of a submodel shares one I/O spec and the runtime always feeds float32."""
-    import torch
 
-    class TextEncoder(torch.nn.Module):
-        def __init__(self, text_encoder):
-            super().__init__()
-            self.text_encoder = text_encoder
-
-        def forward(self, input_ids, attention_mask):
-            # input_ids, attention_mask: [B, S] int64 -> last_hidden_state [B, S, D]
-            out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            return out.last_hidden_state.float()
-
-    class Transformer(torch.nn.Module):
-        def __init__(self, transformer):
-            super().__init__()
-            self.transformer = transformer
-
+    class Transformer(holding("transformer")):
         def forward(self, latents, encoder_hidden_states, encoder_attention_mask, timestep, guidance=None):
             # latents [B, C, h, w]; encoder_hidden_states [B, L, D]; mask [B, L] int64; timestep [B]
             w = next(self.transformer.parameters())
@@ -75,16 +73,12 @@ def _wrappers():
                 return_dict=False,
             )[0].float()
 
-    class VaeDecoder(torch.nn.Module):
-        def __init__(self, vae):
-            super().__init__()
-            self.vae = vae
-
+    class VaeDecoder(holding("vae")):
         def forward(self, latents):
             # latents [B, C, h, w] (already divided by the scaling factor) -> image [B, 3, H, W] in [-1, 1]
             return self.vae.decode(cast_like(latents, next(self.vae.parameters())), return_dict=False)[0].float()
 
-    return TextEncoder, Transformer, VaeDecoder
+    return Transformer, VaeDecoder
 
 
 def _mask(rng, batch: int, length: int) -> np.ndarray:
@@ -95,9 +89,77 @@ def _mask(rng, batch: int, length: int) -> np.ndarray:
     return mask
 
 
+def text_encoder_submodel(model, hidden: int, masked: bool) -> Submodel:
+    """The text encoder of any family: input_ids (+ attention_mask when the pipeline passes one: Sana's Gemma2)
+    -> last_hidden_state. Unmasked encoders (CLIP, T5) take a fixed length, as diffusers pads them; sample ids are
+    laid out like real prompts with the model's own bos / eos / pad ids."""
+    import torch
+
+    L, msl, p = model.text_max_length, model.preset.max_sequence_length, model.preset
+    vocab = model.text_encoder_config["vocab_size"]
+    special = {model.token_id(k) for k in ("pad", "eos", "bos", "unk")} - {None}
+    first = max(special, default=-1) + 1  # word ids start after the special tokens in the stand-in vocabularies
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, text_encoder):
+            super().__init__()
+            self.text_encoder = text_encoder
+
+        def forward(self, input_ids, attention_mask=None):
+            # input_ids (attention_mask) [B, S] int64 -> last_hidden_state [B, S, D]
+            kw = {"attention_mask": attention_mask, "use_cache": False} if masked else {}
+            return self.text_encoder(input_ids=input_ids, **kw).last_hidden_state.float()
+
+    def sample(dims, seed):
+        rng = np.random.default_rng(seed)
+        b, n = dims["batch"], dims.get("text_tokens", L)
+        if masked:
+            return {"input_ids": rng.integers(first, vocab, (b, n)).astype(np.int64), "attention_mask": _mask(rng, b, n)}
+        bos, eos, pad = model.token_id("bos"), model.token_id("eos"), model.token_id("pad")
+        ids = np.full((b, n), 0 if pad is None else pad, np.int64)
+        for i in range(b):  # [bos] words [eos] pad...
+            words = list(rng.integers(first, vocab, int(rng.integers(1, n - 1))))
+            row = ([bos] if bos is not None else []) + words + ([eos] if eos is not None else [])
+            ids[i, : min(n, len(row))] = row[:n]
+        return {"input_ids": ids}
+
+    tokens = "text_tokens" if masked else L
+    inputs = [TensorSpec("input_ids", "int64", ("batch", tokens))]
+    if masked:
+        inputs.append(TensorSpec("attention_mask", "int64", ("batch", tokens)))
+    dims = {"batch": (1, 2 * p.max_batch)} | ({"text_tokens": (1, L)} if masked else {})
+    shapes = ([{"batch": 2, "text_tokens": L}, {"batch": 1, "text_tokens": msl}] if masked
+              else [{"batch": 2}, {"batch": 1}])
+    spec = SubmodelSpec("text_encoder", inputs=inputs,
+                        outputs=[TensorSpec("last_hidden_state", "float32", ("batch", tokens, hidden))], dims=dims)
+    return Submodel(spec, TextEncoder(model.text_encoder), sample, shapes)
+
+
+def image_vae_submodel(model, lat: tuple[int, int], sides: tuple[int, int], max_batch: int) -> Submodel:
+    """An image VAE decoder (DC-AE, or the SD VAE that text-to-video-ms folds frames into): latents [B, C, h, w]
+    (already / scaling_factor) -> image [B, 3, H, W] in [-1, 1]; latent sides in `lat`, parity at `sides`."""
+    C, f = model.vae_config["latent_channels"], model.vae_scale_factor
+    mid, other = sides
+
+    def sample(dims, seed):
+        rng = np.random.default_rng(seed)
+        return {"latents": rng.standard_normal((dims["batch"], C, dims["latent_height"], dims["latent_width"]), np.float32)}
+
+    spec = SubmodelSpec(
+        "vae_decoder",
+        inputs=[TensorSpec("latents", "float32", ("batch", C, "latent_height", "latent_width"))],
+        outputs=[TensorSpec("image", "float32", ("batch", 3, "image_height", "image_width"))],
+        dims={"batch": (1, max_batch), "latent_height": lat, "latent_width": lat,
+              "image_height": (lat[0] * f, lat[1] * f), "image_width": (lat[0] * f, lat[1] * f)},
+    )
+    return Submodel(spec, _wrappers()[1](model.vae), sample,
+                    [{"batch": 2, "latent_height": mid, "latent_width": mid},
+                     {"batch": 1, "latent_height": other, "latent_width": mid}])
+
+
 def sana_submodels(model: SanaModel, names=None) -> dict[str, Submodel]:
     """Submodels for the modules present in `model` (or the subset `names`)."""
-    TextEncoder, Transformer, VaeDecoder = _wrappers()
+    Transformer = _wrappers()[0]
     p, tc = model.preset, model.transformer_config
     f = model.vae_scale_factor
     lat = (p.min_pixels // f, p.max_pixels // f)
@@ -108,28 +170,7 @@ def sana_submodels(model: SanaModel, names=None) -> dict[str, Submodel]:
     out: dict[str, Submodel] = {}
 
     if model.text_encoder is not None:
-        L = model.text_max_length
-        D = model.text_encoder_config["hidden_size"]
-        vocab = model.text_encoder_config["vocab_size"]
-
-        def sample_te(dims, seed):
-            rng = np.random.default_rng(seed)
-            b, s = dims["batch"], dims["text_tokens"]
-            ids = rng.integers(4, vocab, (b, s)).astype(np.int64)
-            return {"input_ids": ids, "attention_mask": _mask(rng, b, s)}
-
-        out["text_encoder"] = Submodel(
-            SubmodelSpec(
-                "text_encoder",
-                inputs=[TensorSpec("input_ids", "int64", ("batch", "text_tokens")),
-                        TensorSpec("attention_mask", "int64", ("batch", "text_tokens"))],
-                outputs=[TensorSpec("last_hidden_state", fdtype, ("batch", "text_tokens", D))],
-                dims={"batch": (1, p.max_batch), "text_tokens": (1, L)},
-            ),
-            TextEncoder(model.text_encoder),
-            sample_te,
-            [{"batch": 2, "text_tokens": L}, {"batch": 1, "text_tokens": p.max_sequence_length}],
-        )
+        out["text_encoder"] = text_encoder_submodel(model, model.text_encoder_config["hidden_size"], masked=True)
 
     if model.transformer is not None:
         C, L = tc["in_channels"], p.max_sequence_length
@@ -173,25 +214,7 @@ def sana_submodels(model: SanaModel, names=None) -> dict[str, Submodel]:
         )
 
     if model.vae is not None:
-        C = model.vae_config["latent_channels"]
-
-        def sample_vae(dims, seed):
-            rng = np.random.default_rng(seed)
-            return {"latents": rng.standard_normal((dims["batch"], C, dims["latent_height"], dims["latent_width"]), np.float32)}
-
-        out["vae_decoder"] = Submodel(
-            SubmodelSpec(
-                "vae_decoder",
-                inputs=[TensorSpec("latents", fdtype, ("batch", C, "latent_height", "latent_width"))],
-                outputs=[TensorSpec("image", fdtype, ("batch", 3, "image_height", "image_width"))],
-                dims={"batch": (1, p.max_batch), "latent_height": lat, "latent_width": lat,
-                      "image_height": (lat[0] * f, lat[1] * f), "image_width": (lat[0] * f, lat[1] * f)},
-            ),
-            VaeDecoder(model.vae),
-            sample_vae,
-            [{"batch": 2, "latent_height": mid, "latent_width": mid},
-             {"batch": 1, "latent_height": other, "latent_width": mid}],
-        )
+        out["vae_decoder"] = image_vae_submodel(model, lat, (mid, other), p.max_batch)
     if names is not None:
         out = {k: v for k, v in out.items() if k in names}
     return out

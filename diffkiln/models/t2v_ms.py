@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from diffkiln.models.base import Adapter, Component, FamilyModel, VideoPresetBase
+from diffkiln.models.base import (
+    Adapter,
+    Component,
+    FamilyModel,
+    VideoPresetBase,
+    family_defaults,
+    preset_table,
+    size_defaults,
+)
 
 FAMILY = "text-to-video-ms"
 SUBMODELS = ("text_encoder", "unet", "vae_decoder")
@@ -73,17 +81,6 @@ class T2VPreset(VideoPresetBase):
     (the UNet sees twice the batch with CFG)."""
 
     unet: dict
-    vae: dict
-    text_encoder: dict
-    height: int = 256
-    width: int = 256
-    num_frames: int = 16
-    fps: int = 8
-    steps: int = 50
-    guidance_scale: float = 9.0
-    min_pixels: int = 128
-    max_pixels: int = 512
-    max_frames: int = 32
     # Frames the VAE decoder engine takes per call: decoding memory is bounded by this chunk, not the video.
     decode_chunk: int = 8
     # (batch, frames) of the UNet's two parity shapes (the first is traced): small for the 1.7B model on CPU
@@ -91,26 +88,24 @@ class T2VPreset(VideoPresetBase):
     extra_vocab: tuple[str, ...] = field(default=tuple(WORDS))
 
 
-PRESETS = {
-    p.name: p
-    for p in [
-        T2VPreset(
-            name="tiny-t2v-ms",
-            description="tiny UNet3D (2 levels, 32/64 ch), 2-layer CLIP text encoder, 4-level SD-style VAE (f8); "
-                        "seeded random; 32x32 px, 8 frames",
-            unet=TINY_UNET3D, vae=TINY_VAE, text_encoder=TINY_CLIP_TEXT, scheduler=DDIM, max_sequence_length=16,
-            height=32, width=32, num_frames=8, steps=4, min_pixels=16, max_pixels=64, min_frames=1, max_frames=16,
-            max_batch=2, decode_chunk=8,
-        ),
-        T2VPreset(
-            name="text-to-video-ms-1.7b",
-            description="ModelScope text-to-video 1.7B: UNet3D (320/640/1280/1280), OpenCLIP-H text encoder "
-                        "(23 layers), SD VAE; DDIM; 256x256, 16 frames (seeded random weights)",
-            unet=UNET3D_1_7B, vae=SD_VAE, text_encoder=OPENCLIP_H_TEXT, scheduler=DDIM, max_sequence_length=77,
-            unet_parity=((1, 4), (2, 2)),
-        ),
-    ]
-}
+PRESETS = preset_table(
+    T2VPreset(
+        name="tiny-t2v-ms",
+        description="tiny UNet3D (2 levels, 32/64 ch), 2-layer CLIP text encoder, 4-level SD-style VAE (f8); "
+                    "seeded random; 32x32 px, 8 frames",
+        unet=TINY_UNET3D, vae=TINY_VAE, text_encoder=TINY_CLIP_TEXT, scheduler=DDIM, max_sequence_length=16,
+        height=32, width=32, num_frames=8, fps=8, steps=4, guidance_scale=9.0, min_pixels=16, max_pixels=64,
+        min_frames=1, max_frames=16, max_batch=2, decode_chunk=8,
+    ),
+    T2VPreset(
+        name="text-to-video-ms-1.7b",
+        description="ModelScope text-to-video 1.7B: UNet3D (320/640/1280/1280), OpenCLIP-H text encoder "
+                    "(23 layers), SD VAE; DDIM; 256x256, 16 frames (seeded random weights)",
+        unet=UNET3D_1_7B, vae=SD_VAE, text_encoder=OPENCLIP_H_TEXT, scheduler=DDIM, max_sequence_length=77,
+        height=256, width=256, num_frames=16, fps=8, steps=50, guidance_scale=9.0, min_pixels=128,
+        max_pixels=512, max_frames=32, unet_parity=((1, 4), (2, 2)),
+    ),
+)
 
 
 def build_clip_word_tokenizer(words, vocab_size: int):
@@ -125,12 +120,13 @@ class T2VMsModel(FamilyModel):
     """A TextToVideoSDPipeline's parts. Modules not asked for are None."""
 
     FAMILIES = PIPELINE_CLASSES
+    PRESET_CLASS = T2VPreset
     DENOISER = "unet"
     COMPONENTS = (
         Component("text_encoder", "text_encoder", "transformers.CLIPTextModel", "transformers.CLIPTextConfig",
                   0, (("attn_implementation", "eager"),)),
-        Component("unet", "unet", "diffusers.UNet3DConditionModel", seed_offset=1),
-        Component("vae", "vae_decoder", "diffusers.AutoencoderKL", seed_offset=2),
+        Component.denoiser("diffusers.UNet3DConditionModel", "unet"),
+        Component.vae("diffusers.AutoencoderKL"),
     )
     SPECIAL_TOKENS = {"pad": PAD, "eos": EOS, "bos": BOS, "unk": UNK}
 
@@ -148,24 +144,18 @@ class T2VMsModel(FamilyModel):
     def pixel_stride(self) -> int:
         return self.vae_scale_factor * self.latent_multiple
 
-    @property
-    def text_max_length(self) -> int:
-        return self.preset.max_sequence_length
-
     @classmethod
     def preset_tokenizer(cls, preset):
         return build_clip_word_tokenizer(preset.extra_vocab, preset.text_encoder["vocab_size"])
 
     @classmethod
-    def folder_preset(cls, folder, family, configs, scheduler):
+    def folder_sizes(cls, configs):
         u, v, te = configs["unet"], configs["vae"], configs["text_encoder"]
         f = 2 ** (len(v["block_out_channels"]) - 1)
         stride = f * 2 ** (len(u["block_out_channels"]) - 1)
-        native = max(stride, u.get("sample_size", 32) * f // stride * stride)
-        return T2VPreset(name=folder.name, description=f"diffusers folder {folder}", unet=u, vae=v, text_encoder=te,
-                         scheduler=scheduler, max_sequence_length=te.get("max_position_embeddings", 77),
-                         height=native, width=native, min_pixels=max(stride, native // 2 // stride * stride),
-                         max_pixels=native * 2)
+        frames = family_defaults("TextToVideoSDPipeline")["num_frames"]
+        return dict(size_defaults(u.get("sample_size", 32) * f, stride), fps=8, max_frames=2 * frames,
+                    max_sequence_length=te.get("max_position_embeddings", 77))
 
     def nearest_frames(self, n: int, preset) -> int:
         return n
@@ -192,48 +182,26 @@ load_model = ADAPTER.load_model  # the Python API: a preset name or a folder -> 
 # -- submodels ---------------------------------------------------------------------------------------
 def _wrappers():
     """Wrappers with float32 I/O whatever the weights' dtype (casts inside the graph)."""
-    import torch
 
     from diffkiln.models.submodels import cast_like as cast
+    from diffkiln.models.submodels import holding
 
-    class TextEncoder(torch.nn.Module):
-        def __init__(self, text_encoder):
-            super().__init__()
-            self.text_encoder = text_encoder
-
-        def forward(self, input_ids):
-            # input_ids [B, L] int64, padded to L -> last_hidden_state [B, L, D] (no attention mask, as diffusers)
-            return self.text_encoder(input_ids=input_ids).last_hidden_state.float()
-
-    class Unet(torch.nn.Module):
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-
+    class Unet(holding("unet")):
         def forward(self, latents, timestep, encoder_hidden_states):
             # latents [B, C, F, h, w]; timestep [B] (train timestep, float32); encoder_hidden_states [B, L, D]
             w = next(self.unet.parameters())
             return self.unet(cast(latents, w), timestep, encoder_hidden_states=cast(encoder_hidden_states, w),
                              return_dict=False)[0].float()
 
-    class VaeDecoder(torch.nn.Module):
-        def __init__(self, vae):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latents):
-            # latents [N, C, h, w] (frames folded into the batch, already / scaling_factor) -> [N, 3, H, W] in [-1, 1]
-            return self.vae.decode(cast(latents, next(self.vae.parameters())), return_dict=False)[0].float()
-
-    return TextEncoder, Unet, VaeDecoder
+    return Unet
 
 
 def t2v_submodels(model: T2VMsModel, names=None) -> dict:
     """Submodels for the modules present in `model` (or the subset `names`)."""
     from diffkiln.manifest import SubmodelSpec, TensorSpec
-    from diffkiln.models.submodels import Submodel
+    from diffkiln.models.submodels import Submodel, image_vae_submodel, text_encoder_submodel
 
-    TextEncoder, Unet, VaeDecoder = _wrappers()
+    Unet = _wrappers()
     p, f, m = model.preset, model.vae_scale_factor, model.latent_multiple
     lat = (max(m, p.min_pixels // f), p.max_pixels // f)
     mid = max(lat[0], min(lat[1], p.height // f))
@@ -244,24 +212,7 @@ def t2v_submodels(model: T2VMsModel, names=None) -> dict:
     out = {}
 
     if model.text_encoder is not None:
-        L, D = model.text_max_length, model.text_encoder_config["hidden_size"]
-        vocab = model.text_encoder_config["vocab_size"]
-
-        def sample_te(dims, seed):
-            rng = np.random.default_rng(seed)
-            ids = np.zeros((dims["batch"], L), np.int64)  # <|startoftext|> words <|endoftext|> <pad>...
-            for i in range(dims["batch"]):
-                n = int(rng.integers(1, L - 1))
-                ids[i, 0], ids[i, 1 : n + 1], ids[i, n + 1 :] = 1, rng.integers(4, vocab, n), 0
-                ids[i, n + 1] = 2
-            return {"input_ids": ids}
-
-        out["text_encoder"] = Submodel(
-            SubmodelSpec("text_encoder", inputs=[TensorSpec("input_ids", "int64", ("batch", L))],
-                         outputs=[TensorSpec("last_hidden_state", "float32", ("batch", L, D))],
-                         dims={"batch": (1, 2 * p.max_batch)}),
-            TextEncoder(model.text_encoder), sample_te, [{"batch": 2}, {"batch": 1}],
-        )
+        out["text_encoder"] = text_encoder_submodel(model, model.text_encoder_config["hidden_size"], masked=False)
 
     if model.unet is not None:
         uc = model.unet_config
@@ -292,25 +243,8 @@ def t2v_submodels(model: T2VMsModel, names=None) -> dict:
              {"batch": b1, "frames": f1, "latent_height": other, "latent_width": mid}],
         )
 
-    if model.vae is not None:
-        C = model.vae_config["latent_channels"]
-
-        def sample_vae(dims, seed):
-            rng = np.random.default_rng(seed)
-            return {"latents": rng.standard_normal((dims["batch"], C, dims["latent_height"], dims["latent_width"]), np.float32)}
-
-        out["vae_decoder"] = Submodel(
-            SubmodelSpec(
-                "vae_decoder",
-                inputs=[TensorSpec("latents", "float32", ("batch", C, "latent_height", "latent_width"))],
-                outputs=[TensorSpec("image", "float32", ("batch", 3, "image_height", "image_width"))],
-                dims={"batch": (1, p.decode_chunk), **sides,
-                      "image_height": (lat[0] * f, lat[1] * f), "image_width": (lat[0] * f, lat[1] * f)},
-            ),
-            VaeDecoder(model.vae), sample_vae,
-            [{"batch": 2, "latent_height": mid, "latent_width": mid},
-             {"batch": 1, "latent_height": other, "latent_width": mid}],
-        )
+    if model.vae is not None:  # frames folded into the batch, `decode_chunk` frames per call
+        out["vae_decoder"] = image_vae_submodel(model, lat, (mid, other), p.decode_chunk)
     if names is not None:
         out = {k: v for k, v in out.items() if k in names}
     return out

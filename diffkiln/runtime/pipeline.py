@@ -80,9 +80,15 @@ class EnginePipeline:
             raise DiffkilnError(f"{type(self).__name__} needs engines for {sorted(missing)}; got {sorted(engines)}")
         self.engines = engines
         if scheduler:
-            from diffkiln.runtime.schedulers import swap_scheduler
+            from diffkiln.runtime.schedulers import predicts_flow, swap_scheduler
 
             scheduler_config = swap_scheduler(scheduler_config, scheduler)
+            if predicts_flow(scheduler_config) != self.settings["flow"]:
+                kind = "flow" if self.settings["flow"] else "noise-prediction"
+                raise DiffkilnError(f"--scheduler {scheduler} does not sample this {kind} model "
+                                    f"({self.settings.family}); swap to a {kind} scheduler (for flow models: "
+                                    "FlowMatchEulerDiscreteScheduler, or DPMSolverMultistepScheduler keeping the "
+                                    "folder's flow settings)")
         self.scheduler_config = scheduler_config
         try:
             scheduler_from_config(self.scheduler_config)  # refuse an unusable scheduler now, not mid-generation
@@ -219,8 +225,15 @@ class Pipeline(EnginePipeline):
         output_type: str = "pil",
         callback: Callable[[int, float, np.ndarray], None] | None = None,
         progress: bool = False,
+        resolution_binning: bool = False,
     ) -> PipelineOutput:
         """Generate images. `callback(step_index, timestep, latents)` runs after every step.
+
+        `resolution_binning=True` does what diffusers' SanaPipeline does by default: the requested size maps to the
+        nearest aspect-ratio bin of diffusers' table for this model (pipeline.json `resolution_bins`), the image is
+        generated at the bin size (which must lie in the engines' range; `latents` are then of the bin size), then
+        resized and center-cropped back to the requested size (diffkiln.runtime.binning). Latent output stays at
+        the bin size, as in diffusers.
 
         `seed` (an int) makes the run reproducible on any install and backend: the initial latents
         and any per-step noise come from `numpy.random.Generator(numpy.random.PCG64(seed))`. Pass
@@ -235,6 +248,28 @@ class Pipeline(EnginePipeline):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         total = len(prompts) * num_images_per_prompt
+        out_size = None  # the requested (height, width) when generating at an aspect-ratio bin's size
+        if resolution_binning:
+            bins, known = self.settings.get("resolution_bins"), self.settings.get("resolution_bin_sample_sizes")
+            if not bins:
+                raise DiffkilnError(
+                    f"resolution binning: this {self.settings.family} model's transformer sample_size is "
+                    f"{known['sample_size']}; diffusers has aspect-ratio bins for it only at sample_size "
+                    f"{', '.join(map(str, known['with_tables']))}" if known else
+                    "resolution binning: these engines were built without diffusers' aspect-ratio bins (no "
+                    "resolution_bins in pipeline.json); rebuild them: diffkiln build MODEL OUT --overwrite")
+            for name, v in (("height", height), ("width", width)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise DiffkilnError(f"{name}={v!r}; expected a positive integer")
+            from diffkiln.runtime.binning import classify
+
+            out_size, (height, width) = (height, width), classify(height, width, bins)
+            try:
+                self.check_size(height, width)
+            except DiffkilnError as e:
+                raise DiffkilnError(f"resolution binning maps the requested {out_size[0]}x{out_size[1]} (height x "
+                                    f"width) to diffusers' bin {height}x{width}, which these engines cannot run: "
+                                    f"{e}") from None
         self.check_inputs(prompts, negatives, height, width, steps, total)
         if output_type not in ("pil", "np", "latent"):
             raise DiffkilnError(f"output_type={output_type!r}; expected 'pil', 'np' or 'latent'")
@@ -263,6 +298,10 @@ class Pipeline(EnginePipeline):
         else:
             decoded = self._timed(timings, "vae_decoder", run_batched, self.engines["vae_decoder"],
                                   {"latents": (latents / self.settings["vae_scaling_factor"]).astype(np.float32)})
+            if out_size is not None:
+                from diffkiln.runtime.binning import resize_and_crop
+
+                decoded = resize_and_crop(decoded, *out_size)
             images = to_unit_range(decoded)
             if output_type == "pil":
                 images = to_pil(images)

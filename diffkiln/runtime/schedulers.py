@@ -889,6 +889,17 @@ def _scheduler_class(name: Any, what: str) -> type[Scheduler]:
     return _SCHEDULERS[name]
 
 
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "SCMScheduler")
+
+
+def predicts_flow(config: dict) -> bool:
+    """Whether a scheduler config samples a flow-prediction model (Sana's families) rather than a noise /
+    v-prediction one: swapping one kind for the other runs and draws garbage."""
+    name = config.get("_class_name")
+    return name in FLOW_SCHEDULERS or (name == "DPMSolverMultistepScheduler" and bool(config.get("use_flow_sigmas"))
+                                       and config.get("prediction_type") == "flow_prediction")
+
+
 def check_scheduler_config(config: dict) -> None:
     """Raise ``SchedulerConfigError`` (a ``DiffkilnError``) naming the class, key and value, and the supported
     values, if ``scheduler_from_config(config)`` would refuse ``config``; builds no tables."""

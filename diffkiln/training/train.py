@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from diffkiln.fileio import atomic_write_json
-from diffkiln.models.shapes.dataset import (
+from diffkiln.training.dataset import (
     caption,
     render,
     sample,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffkiln.models.shapes.dataset import (
+from diffkiln.training.dataset import (
     ATTRIBUTES,
     CENTERS,
     COLORS,
@@ -178,7 +178,7 @@ def prompt_accuracy(pipe, targets: list[dict], seeds: list[int], batch: int = 1,
     -> {"n": N, "ok": rate, "<attribute>": rate, ..., "results": [grade dicts]}. Prompts are run
     `batch` at a time; each batch gets the seed of its first item (seeds then fix the batch).
     """
-    from diffkiln.models.shapes.dataset import caption
+    from diffkiln.training.dataset import caption
 
     results = []
     for i in range(0, len(targets), batch):

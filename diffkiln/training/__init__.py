@@ -4,20 +4,20 @@ Submodules: `dataset` (numpy scenes + captions), `grader` (numpy statistics), `t
 imported only when training). Nothing heavy is imported here.
 """
 
-from diffkiln.models.shapes.dataset import (
+from diffkiln.training.dataset import (
     caption,
     parse_caption,
     render,
     sample,
     split_combinations,
 )
-from diffkiln.models.shapes.grader import describe, grade
+from diffkiln.training.grader import describe, grade
 
 __all__ = ["caption", "parse_caption", "render", "sample", "split_combinations", "describe", "grade", "train_tiny"]
 
 
 def train_tiny(*args, **kwargs) -> dict:
-    """See `diffkiln.models.shapes.train.train_tiny` (imported lazily: it needs torch and diffusers)."""
-    from diffkiln.models.shapes.train import train_tiny as _train_tiny
+    """See `diffkiln.training.train.train_tiny` (imported lazily: it needs torch and diffusers)."""
+    from diffkiln.training.train import train_tiny as _train_tiny
 
     return _train_tiny(*args, **kwargs)
