@@ -34,8 +34,7 @@ def _backends() -> list[str]:
 
 
 def cmd_export(args) -> None:
-    from diffkiln.engines.build import load_source_model
-    from diffkiln.export.pipeline import export_pipeline
+    from diffkiln.engines.build import export_pipeline, load_source_model
 
     model = load_source_model(args.model, args.submodels, args.dtype or "float32", _ranges(args))
     export_pipeline(model, args.out, overwrite=args.overwrite)
@@ -157,7 +156,7 @@ def cmd_train_tiny(args) -> None:
     import os
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared 2-core machine
-    from diffkiln.models.shapes.train import train_tiny
+    from diffkiln.training.train import train_tiny
 
     facts = train_tiny(args.output, seed=args.seed, minutes=args.minutes, steps=args.steps, resume=not args.fresh)
     print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in facts.items() if not isinstance(v, (dict, list))))

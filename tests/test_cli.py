@@ -98,3 +98,23 @@ def test_generate_video_writes_mp4_and_frame_grid(tmp_path, capsys):
     assert "LoRA" in capsys.readouterr().out and np.abs(read_mp4(moved).astype(int) - frames).max() > 0
     assert run("generate", "--engines", engines, "--prompt", "a cat", "--frames", 17, "-o", tmp_path / "x.mp4") == 2
     assert "num_frames=17 cannot be generated" in capsys.readouterr().err
+
+
+def test_declared_shape_ranges_reach_the_engines(tmp_path, capsys):
+    """--min-size / --max-size / --max-batch reach models.registry.load_model(ranges=...) and the manifest."""
+    from diffkiln.manifest import read_manifest
+    from diffkiln.models.registry import load_model
+
+    out = tmp_path / "exp"
+    assert run("export", "tiny-sana", out, "--submodels", "transformer", "--min-size", 64, "--max-size", 128,
+               "--max-batch", 1) == 0
+    dims = read_manifest(out).submodels["transformer"].dims
+    declared = load_model("tiny-sana", ["transformer"], ranges={"min_size": 64, "max_size": 128, "max_batch": 1})
+    default = load_model("tiny-sana", ["transformer"])
+    assert dims == declared.submodels()["transformer"].spec.dims != default.submodels()["transformer"].spec.dims
+    # an engine directory keeps the ranges it was exported with
+    assert run("build", out, tmp_path / "again", "--max-size", 256) == 2
+    assert "shape ranges ['max_size'] apply when building from a preset or a folder" in capsys.readouterr().err
+    # frames are a video model's
+    assert run("build", "tiny-sana", tmp_path / "x", "--max-frames", 9) == 2
+    assert "--max-frames applies to video models" in capsys.readouterr().err

@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 
 from diffkiln.engines.registry import QUANTIZED, backend_names, for_config, get_backend
 from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_dir
-from diffkiln.manifest import DTYPE_PRECISION, MANIFEST, Manifest, read_manifest
+from diffkiln.manifest import (
+    DTYPE_PRECISION,
+    MANIFEST,
+    EngineEntry,
+    Manifest,
+    read_manifest,
+)
 
 
 def __getattr__(name):  # BUILDABLE: the registered backends (resolved when asked for)
@@ -29,9 +36,7 @@ def build_config(backend: str = "onnxruntime", dtype: str | None = None, tensorr
                  precision: str | None = None, calibration: str | Path | None = None):
     """The build config the keyword API (`backend=`, `dtype=`, `tensorrt=`, `aoti=`, ...) describes."""
     kind = get_backend(backend)
-    given = {"tensorrt": tensorrt, "aoti": aoti}.get(backend)
-    if given is None and backend == "tensorrt":
-        raise DiffkilnError("backend 'tensorrt' needs a TensorRTBuildConfig (at least the GPU SKUs: --sku)")
+    given = {"tensorrt": tensorrt, "aoti": aoti}.get(backend)  # the keyword API's per-backend config arguments
     config = given or kind.config({"dtype": dtype, "precision": precision,
                                    "calibration": None if calibration is None else str(calibration)})
     if calibration is not None and hasattr(config, "calibration") and not config.calibration:
@@ -50,6 +55,55 @@ def load_source_model(source, submodels=None, dtype: str = "float32", ranges: di
 
     ranges = check_ranges(ranges)
     return load_model(source, submodels, dtype=dtype, **({"ranges": ranges} if ranges else {}))
+
+
+def export_pipeline(model, out: str | Path, names=None, overwrite: bool = False, threads: int | None = None) -> Manifest:
+    """Export each submodel present in `model` to `out/<name>.onnx`, check it in ONNX Runtime at its parity shapes.
+
+    `out` is written atomically: it appears complete or not at all.
+    """
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        manifest = export_into(model, tmp, names, threads)
+        manifest.write(tmp)
+    return manifest
+
+
+def export_into(model, root: Path, names=None, threads: int | None = None) -> Manifest:
+    """Export into the (new, temporary) directory `root`; the caller writes the manifest and renames `root`."""
+    from diffkiln.engines.eager import EagerEngine
+    from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
+    from diffkiln.export.onnx import export_onnx
+    from diffkiln.export.parity import check_parity, require_parity
+    from diffkiln.export.pipeline import (
+        new_manifest,
+        tool_versions,
+        write_runtime_files,
+    )
+    from diffkiln.progress import log, progress
+
+    subs = model.submodels(names)
+    dtype = str(next(next(iter(subs.values())).module.parameters()).dtype).replace("torch.", "")
+    entry = EngineEntry(
+        backend="onnxruntime",
+        precision=DTYPE_PRECISION[dtype],
+        target="any",
+        files={},
+        tool_versions=tool_versions("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon"),
+    )
+    write_runtime_files(model, root)
+    for name, sub in progress(subs.items(), total=len(subs), desc="export"):
+        start = time.perf_counter()
+        facts = export_onnx(sub, root / f"{name}.onnx")
+        engine = OnnxRuntimeEngine(root / facts["files"][0], sub.spec, threads=threads)
+        entry.parity[name] = check_parity(sub, EagerEngine(sub.module, sub.spec), engine)
+        require_parity("the ONNX export", name, entry.parity[name])
+        entry.files[name] = facts.pop("files")
+        entry.options[name] = facts
+        entry.build_seconds[name] = round(time.perf_counter() - start, 3)
+        worst = max(r["max_abs"] for r in entry.parity[name])
+        log(f"{name}: exported in {facts['export_seconds']:.1f}s, {facts['bytes'] / 1e6:.1f} MB, "
+            f"ORT vs eager max abs err {worst:.2e}")
+    return new_manifest(model, subs, [entry])
 
 
 def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", submodels=None,
@@ -109,7 +163,7 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
                 names = ["transformer"] if quantized else submodels or list(manifest.submodels)
                 model = source_model(manifest, names, dtype)
         else:
-            from diffkiln.export.pipeline import export_into, new_manifest, write_runtime_files
+            from diffkiln.export.pipeline import new_manifest, write_runtime_files
 
             model = load_source_model(source, submodels, dtype, ranges)
             if kind.needs_onnx:

@@ -21,8 +21,8 @@ BACKEND_MODULES = (
 )
 QUANTIZED = ("fp8", "nvfp4")  # precisions built from a calibration on top of a 32/16-bit export
 
-_BY_NAME: dict[str, "Backend"] = {}
-_BY_CONFIG: dict[type, "Backend"] = {}
+_BY_NAME: dict[str, Backend] = {}
+_BY_CONFIG: dict[type, Backend] = {}
 
 
 class Backend:

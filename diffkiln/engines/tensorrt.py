@@ -53,7 +53,7 @@ def _timing_cache_works(trt) -> bool:
     return not any("no-op" in str(w.message) for w in caught)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_flavor(name: str | None = None) -> Flavor:
     """Import TensorRT (the module named, $DIFFKILN_TENSORRT, or the first of MODULES that imports)."""
     import importlib

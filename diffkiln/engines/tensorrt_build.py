@@ -328,7 +328,7 @@ class TensorRTBackend(Backend):
 
     def runnable_here(self, entry=None):
         try:
-            flavor = load_flavor((entry.options.get("flavor") if entry is not None else None))
+            flavor = load_flavor(entry.options.get("flavor") if entry is not None else None)
         except DiffkilnError as e:
             return False, str(e)
         gpu = detect_gpu()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from diffkiln.engines.base import Engine
 from diffkiln.errors import DiffkilnError
 from diffkiln.models.submodels import Submodel
 
@@ -22,8 +23,11 @@ def compare(ref: np.ndarray, out: np.ndarray) -> dict:
     }
 
 
-def check_parity(sub: Submodel, eager: Engine, engine: Engine, seed: int = 1) -> list[dict]:
-    """Run both engines at each of the submodel's parity shapes; one record per shape."""
+Runner = Callable[[dict], dict]  # named numpy feeds -> named outputs (an engines.Engine, or any callable)
+
+
+def check_parity(sub: Submodel, eager: Runner, engine: Runner, seed: int = 1) -> list[dict]:
+    """Run both at each of the submodel's parity shapes; one record per shape."""
     records = []
     for dims in sub.shapes:
         feeds = sub.sample(dims, seed)
