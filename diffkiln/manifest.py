@@ -321,9 +321,26 @@ def _check_engine(where: str, key: str, e, listed: dict) -> None:
         _typed(where, f"{key}.build_seconds.{name}", sec, (int, float))
 
 
+def _printable_keys(where: str, d) -> None:
+    """Every object key (and "name" value) a plain printable string, so each message stays one line."""
+    stack = [d]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not k.isprintable() or len(k) > 512 or (k == "name" and isinstance(x, str) and not x.isprintable()):
+                    bad = x if k == "name" else k
+                    raise FileRefused(f"{where}: name {bad[:60]!r} holds control characters or is over 512 characters; "
+                                      "expected printable names")
+                stack.append(x)
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
 def check_manifest_dict(d, where: str = MANIFEST) -> None:
     """Type-check a manifest's JSON: one error naming the key and the expected type."""
     _typed(where, "the manifest", d, dict)
+    _printable_keys(where, d)
     _exact_keys(where, "the manifest", d, ("schema_version", "model", "submodels", "engines", "files"),
                 ("diffkiln_version", "created"))
     _typed(where, "schema_version", d["schema_version"], int)

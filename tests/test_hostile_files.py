@@ -225,6 +225,8 @@ MANIFEST_EDITS = [
     ("multiple_zero", lambda d: d["submodels"]["transformer"].update(multiples={"batch": 0}),
      "multiples.batch=0; expected an integer >= 1"),
     ("submodel_list", lambda d: d["submodels"].update(transformer=[]), "submodels.transformer is list"),
+    ("key_with_newline", lambda d: _entry(d)["build_seconds"].update({"a\nb": 1}), "name 'a\\nb' holds control characters"),
+    ("tensor_name_newline", lambda d: _tensor(d).update(name="x\ny"), "name 'x\\ny' holds control characters"),
 ]
 
 
