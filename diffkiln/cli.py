@@ -89,8 +89,11 @@ def cmd_generate(args) -> None:
 
     backend, options = _engine_choice(args)
     video = is_video(args.engines)
-    if not video and (args.frames or args.lora):
+    if not video and (args.frames is not None or args.lora):
         raise DiffkilnError(f"--frames / --lora: {args.engines} holds an image model")
+    if video and args.resolution_binning:
+        raise DiffkilnError(f"--resolution-binning: {args.engines} holds a video model; binning is for the Sana image "
+                            "families")
     if args.scheduler is not None:
         from diffkiln.runtime.schedulers import SCHEDULER_NAMES
 
@@ -110,6 +113,7 @@ def cmd_generate(args) -> None:
         width=args.width,
         seed=args.seed,
         num_images_per_prompt=args.num_images,
+        resolution_binning=args.resolution_binning,
         progress=True,
     )
     save_png(out.images[0] if len(out.images) == 1 else grid(out.images), args.output)
@@ -133,7 +137,7 @@ def _generate_video(args, pipe) -> None:
     write_mp4(out.frames[0], mp4, fps=args.fps or out.fps or 8, codec=args.codec)
     png = save_frame_grid(out.frames[0], mp4.with_suffix(".png"))
     t = out.timings
-    denoiser = next(k for k in ("transformer", "unet") if k in t)
+    denoiser = pipe.settings.denoiser
     print(f"wrote {mp4} and {png} ({out.frames.shape[1]} frames, seed {out.seed}; total {t['total'][0]:.2f}s: "
           f"text encoder {sum(t['text_encoder']):.2f}s, {len(t[denoiser])} {denoiser} calls {sum(t[denoiser]):.2f}s, "
           f"VAE decode {sum(t['vae_decoder']):.2f}s)")
@@ -163,15 +167,14 @@ def cmd_train_tiny(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from diffkiln.calibration.calibrate import CalibrationConfig, calibrate
+    from diffkiln.calibration.calibrate import CalibrationConfig, calibrate, calibration_model
     from diffkiln.calibration.prompts import read_prompts, split
-    from diffkiln.models.sana import load_model
 
     config = CalibrationConfig(precision=args.precision, method=args.method, percentile=args.percentile,
                                num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance, seed=args.seed,
                                include=tuple(args.include or ()), **({"exclude": tuple(args.exclude)} if args.exclude else {}))
     calib_prompts, held_out = split(read_prompts(args.prompts))
-    model = load_model(args.model, ["text_encoder", "transformer"])
+    model = calibration_model(args.model)
     cal = calibrate(model, calib_prompts, config, args.output, source=str(args.prompts))
     worst = sorted(cal.amax.items(), key=lambda kv: -kv[1]["max"])[:5]
     print(f"wrote {args.output}: {len(cal.amax)} layers, {cal.meta['prompts']['count']} prompts x "
@@ -181,11 +184,10 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_sensitivity(args) -> None:
-    from diffkiln.calibration.calibrate import load_calibration
+    from diffkiln.calibration.calibrate import calibration_model, load_calibration
     from diffkiln.calibration.sensitivity import save_plan, sweep
-    from diffkiln.models.sana import load_model
 
-    model = load_model(args.model, ["text_encoder", "transformer", "vae_decoder"])
+    model = calibration_model(args.model)
     cal = load_calibration(args.calibration, model, args.precision)
     result = sweep(model, cal, args.precision, budget_db=args.budget_db)
     save_plan(result, args.output)
@@ -317,6 +319,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU; aoti: cpu|cuda)")
     sp.add_argument("--precision", help="engine set precision, when the directory holds several")
     sp.add_argument("--scheduler", help="replace the model's scheduler (names: diffkiln.runtime.schedulers.SCHEDULER_NAMES)")
+    sp.add_argument("--resolution-binning", action="store_true",
+                    help="Sana families: generate at the nearest of diffusers' aspect-ratio bins for this model (as "
+                         "SanaPipeline does by default), then resize and center-crop to --height x --width")
     sp.add_argument("--cuda-graph", action="store_true", help="TensorRT: capture each shape into a CUDA graph")
     sp.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers in priority order "
                     "(default CPUExecutionProvider; e.g. CUDAExecutionProvider CPUExecutionProvider with onnxruntime-gpu)")

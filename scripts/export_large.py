@@ -32,7 +32,7 @@ def main() -> None:
                     help="quantized graph parity at the declared shapes or only the smallest (faster on a CPU)")
     args = ap.parse_args()
 
-    from diffkiln.export.pipeline import export_pipeline
+    from diffkiln.engines.build import export_pipeline
     from diffkiln.models.registry import load_model
 
     t0 = time.perf_counter()

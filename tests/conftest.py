@@ -15,7 +15,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_engines(tiny, tmp_path_factory):
     """tiny-sana exported to an ONNX Runtime engine directory (shared, read-only for tests)."""
-    from diffkiln.export.pipeline import export_pipeline
+    from diffkiln.engines.build import export_pipeline
 
     out = tmp_path_factory.mktemp("engines") / "tiny-sana"
     export_pipeline(tiny, out)

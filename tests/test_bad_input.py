@@ -133,7 +133,7 @@ def test_pickle_checkpoint_refused(tmp_path, tiny):
 
 
 def test_existing_output_not_overwritten(tiny, tmp_path):
-    from diffkiln.export.pipeline import export_pipeline
+    from diffkiln.engines.build import export_pipeline
 
     out = tmp_path / "out"
     out.mkdir()
@@ -146,7 +146,7 @@ def test_existing_output_not_overwritten(tiny, tmp_path):
 def test_interrupted_export_leaves_nothing(tiny, tmp_path, monkeypatch):
     """A failure mid-export (here: the VAE export raises) leaves no directory a later load accepts."""
     import diffkiln.export.onnx as onnx_export
-    from diffkiln.export.pipeline import export_pipeline
+    from diffkiln.engines.build import export_pipeline
 
     real = onnx_export.export_onnx
 

@@ -32,7 +32,7 @@ def test_presets_lists_sizes(capsys):
         assert f"\n{name} " in out, name
     from diffkiln.models.registry import adapter_for
 
-    assert adapter_for("text-to-video-ms-1.7b").__name__ == "diffkiln.models.t2v_ms"  # a dotted preset name
+    assert adapter_for("text-to-video-ms-1.7b").model_cls.__module__ == "diffkiln.models.t2v_ms"  # a dotted preset name
     with pytest.raises(DiffkilnError, match=r"no/such.dir is neither a preset name nor an existing diffusers folder"):
         adapter_for("no/such.dir")
 

@@ -38,7 +38,7 @@ def calib(tmp_path_factory):
 def nvfp4_dir(calib, tmp_path_factory):
     """An fp32 transformer export + the onnxruntime/any/nvfp4 engine set."""
     from diffkiln.export.nvfp4 import add_nvfp4_engine_set
-    from diffkiln.export.pipeline import export_into
+    from diffkiln.engines.build import export_into
 
     model, cal = calib
     root = tmp_path_factory.mktemp("nvfp4")

@@ -57,7 +57,7 @@ def test_sana_batch_no_cfg_and_images_per_prompt(tiny, tiny_engines):
 
 @pytest.fixture(scope="module")
 def sprint(tmp_path_factory):
-    from diffkiln.export.pipeline import export_pipeline
+    from diffkiln.engines.build import export_pipeline
     from diffkiln.models.sana import load_model
 
     model = load_model("tiny-sana-sprint")

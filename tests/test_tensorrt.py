@@ -96,9 +96,9 @@ def test_engine_cache_reused(trt_engines, cache_dir, tmp_path):
 @pytest.fixture
 def no_export(monkeypatch):
     """Fail the test if anything is exported: refusals must come before any work."""
-    import diffkiln.export.pipeline as export
+    import diffkiln.engines.build as build
 
-    monkeypatch.setattr(export, "export_into", lambda *a, **k: pytest.fail("exported before refusing"))
+    monkeypatch.setattr(build, "export_into", lambda *a, **k: pytest.fail("exported before refusing"))
 
 
 @pytest.mark.parametrize("skus, precision, message", [

@@ -12,7 +12,7 @@ from diffkiln.progress import log
 def run_demo(out: Path, prompt: str, seed: int = 0, repeats: int = 3, image: Path = Path("demo.png")) -> list[dict]:
     from diffkiln.benchmarks.eager import eager_pipeline
     from diffkiln.benchmarks.stages import markdown_table, stage_rows, time_stages
-    from diffkiln.export.pipeline import export_pipeline
+    from diffkiln.engines.build import export_pipeline
     from diffkiln.models.sana import load_model
     from diffkiln.runtime.image import save_png
     from diffkiln.runtime.pipeline import Pipeline

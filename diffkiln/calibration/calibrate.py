@@ -117,16 +117,11 @@ def calibrate(model, prompts: list[str], config: CalibrationConfig, out: str | P
 
 def calibration_model(source, with_vae: bool = False, dtype: str = "float32"):
     """Load what calibration (and, with_vae, the sensitivity sweep) runs: text encoder and denoiser of any family."""
-    from diffkiln.calibration.denoiser import DENOISERS
     from diffkiln.models.registry import adapter_for, load_model
 
     mod = adapter_for(source)
-    found = [n for n in mod.SUBMODELS if n in DENOISERS]
-    if len(found) != 1:
-        raise DiffkilnError(f"{source}: its family declares no single denoiser among {mod.SUBMODELS}; "
-                            "calibration does not support it")
-    names = ["text_encoder", found[0]] + (["vae_decoder"] if with_vae and "vae_decoder" in mod.SUBMODELS else [])
-    return load_model(source, [n for n in names if n in mod.SUBMODELS], dtype=dtype)
+    names = ["text_encoder", mod.model_cls.DENOISER] + (["vae_decoder"] if with_vae else [])
+    return load_model(source, names, dtype=dtype)
 
 
 def save(cal: Calibration, out: str | Path) -> None:

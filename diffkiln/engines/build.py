@@ -160,7 +160,10 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
             if not kind.needs_onnx or quantized:
                 from diffkiln.engines.verify import source_model
 
-                names = ["transformer"] if quantized else submodels or list(manifest.submodels)
+                from diffkiln.manifest import read_listed_json
+
+                denoiser = read_listed_json(src, manifest, "pipeline.json")["denoiser"]
+                names = [denoiser] if quantized else submodels or list(manifest.submodels)
                 model = source_model(manifest, names, dtype)
         else:
             from diffkiln.export.pipeline import new_manifest, write_runtime_files

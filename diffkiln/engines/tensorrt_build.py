@@ -106,9 +106,6 @@ def check_request(flavor: Flavor, config: TensorRTBuildConfig) -> None:
         )
 
 
-DENOISERS = ("transformer", "unet")
-
-
 def profiles(manifest: Manifest, settings: dict, config: TensorRTBuildConfig) -> dict[str, dict[str, list[int]]]:
     """Per submodel, each dynamic input dim -> [min, opt, max]; static mode pins batch and resolution."""
     f = settings["vae_scale_factor"]
@@ -118,7 +115,7 @@ def profiles(manifest: Manifest, settings: dict, config: TensorRTBuildConfig) ->
     out = {}
     for name, spec in manifest.submodels.items():
         # classifier-free guidance doubles the denoiser's batch; video VAEs decode `decode_chunk` frames per call
-        cfg_batch = 2 if name in DENOISERS else settings.get("decode_chunk", 1) if name == "vae_decoder" else 1
+        cfg_batch = 2 if name == settings["denoiser"] else settings.get("decode_chunk", 1) if name == "vae_decoder" else 1
         # video models name their default frame counts per dim in pipeline.json ("opt_dims")
         opt = {**settings.get("opt_dims", {}), "batch": cfg_batch, "latent_height": h, "latent_width": w}
         used = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}

@@ -28,16 +28,6 @@ def write_runtime_files(model, root: Path) -> None:
     atomic_write_json(root / "pipeline.json", model.pipeline_settings())
 
 
-def __getattr__(name):
-    # export_pipeline / export_into (export -> parity check in ONNX Runtime -> engine set) moved to the build step,
-    # diffkiln.engines.build, which may import export/ (not the other way). Kept here for existing callers only.
-    if name in ("export_pipeline", "export_into"):
-        from diffkiln.engines import build
-
-        return getattr(build, name)
-    raise AttributeError(name)
-
-
 def new_manifest(model, subs: dict, engines: list[EngineEntry]) -> Manifest:
     return Manifest(
         model={"name": model.name, "source": model.source, "family": model.family, "config_hash": model.config_hash(),

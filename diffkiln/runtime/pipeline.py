@@ -63,6 +63,39 @@ def open_engine_dir(root: str | Path, backend: str | None = None, target: str | 
     return engines, settings, scheduler, root / "tokenizer.json"
 
 
+@dataclass(frozen=True)
+class Request:
+    prompts: list[str]
+    negatives: list[str]
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    total: int
+
+
+def _texts(name: str, value, n: int | None = None) -> list[str]:
+    """A prompt argument (a string, or a list of them) as a list of valid UTF-8 strings."""
+    texts = [value] * (n or 1) if isinstance(value, str) else value
+    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+        raise DiffkilnError(f"{name}: expected a string or a non-empty list of strings, got {value!r:.80}")
+    for i, t in enumerate(texts):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DiffkilnError(f"{name} {i} is not valid text ({e.reason} at position {e.start})") from None
+    return list(texts)
+
+
+def _physical_memory() -> int | None:
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class EnginePipeline:
     """What every pipeline over an engine directory shares: loading, the required engines, the prompt tokenizer,
     the scheduler (the folder's, or `scheduler=NAME` swapped in as diffusers' `from_config` would), stage timing,
@@ -170,12 +203,50 @@ class EnginePipeline:
 
         return bar(timesteps, desc="denoising")
 
+    def request(self, prompt, negative_prompt, steps, guidance, height, width, per_prompt: int = 1,
+                frames: int | None = None) -> Request:
+        """A generation request with the engine directory's defaults filled in, checked before any work: prompts
+        (strings, UTF-8), steps in [1, the scheduler's train timesteps], finite guidance, sizes on the stride and in
+        the built range, frames by the family's rule, and an output that fits in this machine's memory.
+        0 is an error, not "the default": only None means the default."""
+        d = self.settings.defaults
+        steps = d["num_inference_steps"] if steps is None else steps
+        guidance = d["guidance_scale"] if guidance is None else guidance
+        height = d["height"] if height is None else height
+        width = d["width"] if width is None else width
+        prompts = _texts("prompt", prompt)
+        negatives = _texts("negative_prompt", negative_prompt, len(prompts))
+        if len(negatives) != len(prompts):
+            raise DiffkilnError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt or a single string")
+        for name, v in (("num_inference_steps", steps), ("num_images_per_prompt", per_prompt), ("height", height),
+                        ("width", width)) + ((("num_frames", frames),) if frames is not None else ()):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise DiffkilnError(f"{name}={v!r}; expected a positive integer")
+        most = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        if steps > most:
+            raise DiffkilnError(f"num_inference_steps={steps}; this scheduler takes at most {most} "
+                                f"(its num_train_timesteps)")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating)) or not np.isfinite(guidance):
+            raise DiffkilnError(f"guidance_scale={guidance!r}; expected a finite number")
+        total = len(prompts) * per_prompt
+        # the decoded output alone: total x frames x H x W x 3 float32; refuse what cannot fit in memory
+        need = total * (frames or 1) * height * width * 3 * 4
+        have = _physical_memory()
+        if have and need > have // 4:
+            raise DiffkilnError(f"{total} outputs of {frames or 1} x {height} x {width} px need {need / 2**30:.1f} GiB "
+                                f"for the decoded pixels alone; this machine has {have / 2**30:.1f} GiB: generate fewer "
+                                "per call")
+        return Request(prompts, negatives, int(steps), float(guidance), int(height), int(width), total)
+
     def _rng(self, seed: int | None, generator: np.random.Generator | None) -> tuple[np.random.Generator, int | None]:
         """The run's random stream: PCG64(seed), or the caller's generator (then no seed is reported)."""
         if generator is not None and seed is not None:
             raise DiffkilnError("pass either seed or generator, not both")
         if generator is not None:
             return generator, None
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                 or not 0 <= seed < 2**63):
+            raise DiffkilnError(f"seed={seed!r}; expected an integer in [0, 2**63)")
         seed = int(np.random.SeedSequence().entropy % (2**63)) if seed is None else int(seed)
         return np.random.Generator(np.random.PCG64(seed)), seed
 
@@ -195,16 +266,6 @@ class EnginePipeline:
 class Pipeline(EnginePipeline):
     """A text-to-image pipeline over `text_encoder`, `transformer` and `vae_decoder` engines
     (SanaPipeline; SanaSprintPipeline's sCM loop through the same `denoise` hooks)."""
-
-    # -- checks -------------------------------------------------------------------------------
-    def check_inputs(self, prompts: list[str], negatives: list[str], height: int, width: int, steps: int, total: int):
-        self.check_size(height, width)
-        if len(negatives) != len(prompts):
-            raise DiffkilnError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt or a single string")
-        if steps < 1:
-            raise DiffkilnError(f"num_inference_steps={steps}; expected >= 1")
-        if total < 1:
-            raise DiffkilnError("no prompt given")
 
     @property
     def sprint(self) -> bool:
@@ -240,14 +301,10 @@ class Pipeline(EnginePipeline):
         `generator` instead to draw from your own numpy Generator; with neither, a fresh seed is
         drawn and returned in `PipelineOutput.seed`.
         """
-        d = self.settings.defaults
-        steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
-        height = d["height"] if height is None else height
-        width = d["width"] if width is None else width
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        total = len(prompts) * num_images_per_prompt
+        r = self.request(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+                         num_images_per_prompt)
+        prompts, negatives, steps, guidance, height, width, total = (r.prompts, r.negatives, r.steps, r.guidance,
+                                                                      r.height, r.width, r.total)
         out_size = None  # the requested (height, width) when generating at an aspect-ratio bin's size
         if resolution_binning:
             bins, known = self.settings.get("resolution_bins"), self.settings.get("resolution_bin_sample_sizes")
@@ -258,9 +315,6 @@ class Pipeline(EnginePipeline):
                     f"{', '.join(map(str, known['with_tables']))}" if known else
                     "resolution binning: these engines were built without diffusers' aspect-ratio bins (no "
                     "resolution_bins in pipeline.json); rebuild them: diffkiln build MODEL OUT --overwrite")
-            for name, v in (("height", height), ("width", width)):
-                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise DiffkilnError(f"{name}={v!r}; expected a positive integer")
             from diffkiln.runtime.binning import classify
 
             out_size, (height, width) = (height, width), classify(height, width, bins)
@@ -270,7 +324,8 @@ class Pipeline(EnginePipeline):
                 raise DiffkilnError(f"resolution binning maps the requested {out_size[0]}x{out_size[1]} (height x "
                                     f"width) to diffusers' bin {height}x{width}, which these engines cannot run: "
                                     f"{e}") from None
-        self.check_inputs(prompts, negatives, height, width, steps, total)
+        else:
+            self.check_size(height, width)
         if output_type not in ("pil", "np", "latent"):
             raise DiffkilnError(f"output_type={output_type!r}; expected 'pil', 'np' or 'latent'")
         rng, seed = self._rng(seed, generator)

@@ -83,18 +83,9 @@ class VideoPipeline(EnginePipeline):
         the initial latents come from `numpy.random.Generator(numpy.random.PCG64(seed))`."""
         d = self.settings.defaults
         frames = d["num_frames"] if num_frames is None else num_frames
-        height = d["height"] if height is None else height
-        width = d["width"] if width is None else width
-        steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if not prompts:
-            raise DiffkilnError("no prompt given")
-        if len(negatives) != len(prompts):
-            raise DiffkilnError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt or a single string")
-        if steps < 1:
-            raise DiffkilnError(f"num_inference_steps={steps}; expected >= 1")
+        r = self.request(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, frames=frames)
+        prompts, negatives, steps, guidance, height, width = (r.prompts, r.negatives, r.steps, r.guidance, r.height,
+                                                              r.width)
         if output_type not in ("np", "latent"):
             raise DiffkilnError(f"output_type={output_type!r}; expected 'np' or 'latent'")
         check_frames(self.settings["frames"], frames)
@@ -159,7 +150,7 @@ def is_video(root: str | Path) -> bool:
         return False
 
 
-def load_video_pipeline(root: str | Path, backend: str = "onnxruntime", target: str | None = None,
+def load_video_pipeline(root: str | Path, backend: str | None = None, target: str | None = None,
                         precision: str | None = None, verify: bool = True, **engine_options) -> VideoPipeline:
     """The runtime pipeline of the video family an engine directory was built for."""
     engines, settings, scheduler, tokenizer = open_engine_dir(root, backend, target, precision, verify, **engine_options)
