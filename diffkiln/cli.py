@@ -36,7 +36,7 @@ def _backends() -> list[str]:
 def cmd_export(args) -> None:
     from diffkiln.engines.build import export_pipeline, load_source_model
 
-    model = load_source_model(args.model, args.submodels, args.dtype or "float32", _ranges(args))
+    model = load_source_model(args.model, args.submodels, args.dtype or "float32", _ranges(args), args.allow_large_model)
     export_pipeline(model, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     _print_summary(args.out)
@@ -59,7 +59,7 @@ def cmd_build(args) -> None:
         "use_cache": not args.no_cache, "refittable": args.refittable,
     })
     build(args.model, args.out, config=config, submodels=args.submodels, overwrite=args.overwrite, plan=args.plan,
-          ranges=_ranges(args))
+          ranges=_ranges(args), allow_large=args.allow_large_model)
     print(f"wrote {args.out}")
     _print_summary(args.out)
 
@@ -84,7 +84,7 @@ def _engine_choice(args) -> tuple[str | None, dict]:
 
 def cmd_generate(args) -> None:
     from diffkiln.runtime import load_pipeline
-    from diffkiln.runtime.image import grid, save_png
+    from diffkiln.runtime.image import grid, save_image
     from diffkiln.runtime.video import is_video
 
     backend, options = _engine_choice(args)
@@ -94,6 +94,15 @@ def cmd_generate(args) -> None:
     if video and args.resolution_binning:
         raise DiffkilnError(f"--resolution-binning: {args.engines} holds a video model; binning is for the Sana image "
                             "families")
+    # the output is checked before any work: its suffix names the format, its place is writable, no engine file
+    if video:
+        from diffkiln.runtime.video_io import check_video_output
+
+        args.output = str(check_video_output(args.output or "out.mp4", 8 if args.fps is None else args.fps, args.codec))
+    else:
+        from diffkiln.runtime.image import check_output_path
+
+        args.output = str(check_output_path(args.output or "out.png"))
     if args.scheduler is not None:
         from diffkiln.runtime.schedulers import SCHEDULER_NAMES
 
@@ -116,7 +125,7 @@ def cmd_generate(args) -> None:
         resolution_binning=args.resolution_binning,
         progress=True,
     )
-    save_png(out.images[0] if len(out.images) == 1 else grid(out.images), args.output)
+    save_image(out.images[0] if len(out.images) == 1 else grid(out.images), args.output)
     t = out.timings
     print(f"wrote {args.output} (seed {out.seed}; total {t['total'][0]:.2f}s: text encoder {sum(t['text_encoder']):.2f}s, "
           f"{len(t['transformer'])} transformer calls {sum(t['transformer']):.2f}s, VAE decode {sum(t['vae_decoder']):.2f}s)")
@@ -125,7 +134,7 @@ def cmd_generate(args) -> None:
 def _generate_video(args, pipe) -> None:
     from pathlib import Path
 
-    from diffkiln.runtime.video_io import save_frame_grid, write_mp4
+    from diffkiln.runtime.video_io import save_frame_grid, write_video
 
     if args.lora:
         applied = pipe.set_lora(args.lora, args.lora_spatial_scale, args.lora_temporal_scale)
@@ -133,9 +142,8 @@ def _generate_video(args, pipe) -> None:
     out = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames,
                num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
                seed=args.seed, progress=True)
-    mp4 = Path(args.output if args.output.endswith(".mp4") else Path(args.output).with_suffix(".mp4"))
-    write_mp4(out.frames[0], mp4, fps=args.fps or out.fps or 8, codec=args.codec)
-    png = save_frame_grid(out.frames[0], mp4.with_suffix(".png"))
+    mp4 = write_video(out.frames[0], args.output, fps=out.fps or 8 if args.fps is None else args.fps, codec=args.codec)
+    png = save_frame_grid(out.frames[0], Path(mp4).with_suffix(".png"))
     t = out.timings
     denoiser = pipe.settings.denoiser
     print(f"wrote {mp4} and {png} ({out.frames.shape[1]} frames, seed {out.seed}; total {t['total'][0]:.2f}s: "
@@ -244,6 +252,7 @@ def cmd_demo(args) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffkiln", description="Ahead-of-time compiled deployment of diffusion models.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True)
     backends = _backends()
 
@@ -257,7 +266,10 @@ def parser() -> argparse.ArgumentParser:
                         help="export only these (default: all; text_encoder, transformer|unet, vae_decoder)")
         sp.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weights dtype of the export (default float32; TensorRT builds take it from --precision)")
-        sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output directory (only one that holds a diffkiln manifest)")
+        sp.add_argument("--allow-large-model", action="store_true",
+                        help="build a model whose weights are estimated not to fit in this machine's memory")
         g = sp.add_argument_group("shapes", "the shapes the engines take (default: the model folder's own ranges)")
         g.add_argument("--min-size", type=int, metavar="PX", help="smallest image side in pixels")
         g.add_argument("--max-size", type=int, metavar="PX", help="largest image side in pixels")
@@ -308,7 +320,6 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-images", type=int, default=1)
     sp.add_argument("--frames", type=int, default=None, help="video models: number of frames (default: the model's)")
     sp.add_argument("--fps", type=int, default=None, help="video models: MP4 frame rate (default: the model's)")
-    sp.add_argument("--codec", default="libx264", help="video models: ffmpeg codec of the MP4")
     sp.add_argument("--lora", action="append", metavar="FILE",
                     help="video models: LoRA safetensors (diffusers/PEFT layout) applied to the built engines; repeatable")
     sp.add_argument("--lora-spatial-scale", type=float, default=1.0, help="scale of the LoRA's spatial layers")
@@ -326,7 +337,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers in priority order "
                     "(default CPUExecutionProvider; e.g. CUDAExecutionProvider CPUExecutionProvider with onnxruntime-gpu)")
     sp.add_argument("--no-verify", action="store_true", help="skip sha256 checks of engine files")
-    sp.add_argument("-o", "--output", default="out.png")
+    sp.add_argument("-o", "--output", default=None,
+                    help="image: .png/.jpg/.webp (default out.png); video: .mp4/.gif (default out.mp4), plus a frame grid .png")
+    sp.add_argument("--codec", default="libx264", help="video models: ffmpeg codec of the MP4")
     sp.set_defaults(fn=cmd_generate)
 
     sp = sub.add_parser("verify", help="measure an engine set's parity vs eager PyTorch here and record it in the manifest")
@@ -413,9 +426,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.fn(args)
-    except DiffkilnError as e:
-        print(f"diffkiln: error: {e}", file=sys.stderr)
+    except DiffkilnError as e:  # a problem the user can fix: one line, exit code 2
+        print(f"diffkiln: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("diffkiln: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: a short message, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"diffkiln: internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+              "(this is a bug in diffkiln; rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

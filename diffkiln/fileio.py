@@ -87,8 +87,10 @@ def _refuse_pairs(where: str):
     return hook
 
 
-def _refuse_constant(where: str):
+def _refuse_constant(where: str, infinities: bool = False):
     def hook(name):
+        if infinities and name in ("Infinity", "-Infinity"):
+            return float(name)
         raise FileRefused(f"{where}: {name} is not a JSON number; expected finite numbers only")
 
     return hook
@@ -104,16 +106,18 @@ def _finite_float(where: str):
     return hook
 
 
-def loads_json(data: bytes | str, where: str):
+def loads_json(data: bytes | str, where: str, infinities: bool = False):
     """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity (nor floats that overflow to them), bounded depth.
-    Any problem is a FileRefused (a DiffkilnError) naming `where`."""
+    Any problem is a FileRefused (a DiffkilnError) naming `where`. `infinities`: accept the `Infinity` /
+    `-Infinity` constants Python's json writes (diffusers' scheduler configs hold `lambda_min_clipped: -Infinity`);
+    NaN is refused always, and the reader of such a file checks which keys may be infinite."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         try:
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError as e:
             raise FileRefused(f"{where}: not UTF-8 text (byte {e.start}: {e.reason}); expected a UTF-8 JSON file") from None
     try:
-        return json.loads(data, object_pairs_hook=_refuse_pairs(where), parse_constant=_refuse_constant(where),
+        return json.loads(data, object_pairs_hook=_refuse_pairs(where), parse_constant=_refuse_constant(where, infinities),
                           parse_float=_finite_float(where))
     except DiffkilnError:
         raise
@@ -160,9 +164,10 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str = "file
         os.close(fd)
 
 
-def read_json_file(path: str | os.PathLike, max_bytes: int = JSON_MAX_BYTES, what: str = "JSON file"):
+def read_json_file(path: str | os.PathLike, max_bytes: int = JSON_MAX_BYTES, what: str = "JSON file",
+                   infinities: bool = False):
     """One strict reader for every JSON file diffkiln reads (see `read_regular_file` and `loads_json`)."""
-    return loads_json(read_regular_file(path, max_bytes, what), f"{what} {path}")
+    return loads_json(read_regular_file(path, max_bytes, what), f"{what} {path}", infinities)
 
 
 # -- directories ----------------------------------------------------------------------------------------------

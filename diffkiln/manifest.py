@@ -243,10 +243,11 @@ def read_listed_bytes(root: str | Path, manifest: Manifest, rel: str, max_bytes:
     return data
 
 
-def read_listed_json(root: str | Path, manifest: Manifest, rel: str, max_bytes: int | None = None):
+def read_listed_json(root: str | Path, manifest: Manifest, rel: str, max_bytes: int | None = None,
+                     infinities: bool = False):
     """A listed JSON file (pipeline.json, scheduler.json, ...) through the strict reader, after its hash check."""
     cap = max_bytes or JSON_CAPS.get(rel, 16 * MiB)
-    return loads_json(read_listed_bytes(root, manifest, rel, cap), f"{Path(root) / rel}")
+    return loads_json(read_listed_bytes(root, manifest, rel, cap), f"{Path(root) / rel}", infinities)
 
 
 # -- typed checks of manifest.json -----------------------------------------------------------------------------

@@ -64,6 +64,8 @@ class PipelineSettings:
         for k in ("max_sequence_length", "pixel_stride", "min_pixels", "max_pixels", "max_batch"):
             _int(where, k, d[k])
         _int(where, "pad_token_id", d["pad_token_id"], lo=0)
+        if d.get("text_vocab_size") is not None:
+            _int(where, "text_vocab_size", d["text_vocab_size"])
         if d["min_pixels"] > d["max_pixels"]:
             raise DiffkilnError(f"{where}: min_pixels {d['min_pixels']} > max_pixels {d['max_pixels']}")
         defaults = d["defaults"]

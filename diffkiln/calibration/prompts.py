@@ -11,7 +11,6 @@ exactly the captions the model never saw in training. Its images can be graded (
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -40,20 +39,25 @@ def read_prompts(source: str | Path = "builtin") -> list[str]:
     path = BUILTIN if str(source) == "builtin" else Path(source)
     if not path.is_file():
         raise DiffkilnError(f"prompt file {path} does not exist (give a .txt with one prompt per line, a .jsonl, or 'builtin')")
-    text = path.read_text(encoding="utf-8")
+    from diffkiln.fileio import loads_json, read_regular_file
+
+    data = read_regular_file(path, 64 << 20, "prompt file")  # a regular file, at most 64 MiB
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DiffkilnError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if path.suffix == ".jsonl":
         prompts = []
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DiffkilnError(f"{path}:{i}: not valid JSON ({e})") from None
+            rec = loads_json(line, f"{path}:{i}")
             key = next((k for k in JSONL_KEYS if isinstance(rec, dict) and k in rec), None)
             if key is None:
                 raise DiffkilnError(f"{path}:{i}: no prompt field; expected one of {JSONL_KEYS}")
-            prompts.append(str(rec[key]).strip())
+            if not isinstance(rec[key], str):
+                raise DiffkilnError(f"{path}:{i}: {key} is {rec[key]!r:.40}; expected a string")
+            prompts.append(rec[key].strip())
     elif path.suffix in (".txt", ""):
         prompts = [line.strip() for line in text.splitlines()]
     else:

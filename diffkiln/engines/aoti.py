@@ -20,7 +20,7 @@ from diffkiln.engines.base import Engine
 from diffkiln.engines.registry import Backend, register
 from diffkiln.errors import DiffkilnError
 from diffkiln.manifest import PRECISION_DTYPE as PRECISIONS
-from diffkiln.manifest import EngineEntry, SubmodelSpec
+from diffkiln.manifest import EngineEntry, SubmodelSpec, path_of
 from diffkiln.progress import log, progress
 
 DEVICES = ("cpu", "cuda")
@@ -204,7 +204,7 @@ class AotiBackend(Backend):
     config_options = ("device", "precision", "max_autotune", "fused_linear_attention")
 
     def open(self, root, manifest, entry, **options):
-        return {name: AotiEngine(root / files[0], manifest.submodels[name], entry.options["torch"], **options)
+        return {name: AotiEngine(path_of(root, files[0], manifest), manifest.submodels[name], entry.options["torch"], **options)
                 for name, files in entry.files.items()}
 
     def runnable_here(self, entry=None):

@@ -49,12 +49,13 @@ def check_ranges(ranges: dict | None) -> dict:
     return {k: v for k, v in (ranges or {}).items() if v is not None}
 
 
-def load_source_model(source, submodels=None, dtype: str = "float32", ranges: dict | None = None):
-    """models.registry.load_model, with the user's shape ranges when any are given."""
+def load_source_model(source, submodels=None, dtype: str = "float32", ranges: dict | None = None,
+                      allow_large: bool = False):
+    """models.registry.load_model, with the user's shape ranges when any are given (and `allow_large`: skip the
+    check that the weights fit in this machine's memory)."""
     from diffkiln.models.registry import load_model
 
-    ranges = check_ranges(ranges)
-    return load_model(source, submodels, dtype=dtype, **({"ranges": ranges} if ranges else {}))
+    return load_model(source, submodels, dtype=dtype, ranges=check_ranges(ranges) or None, allow_large=allow_large)
 
 
 def export_pipeline(model, out: str | Path, names=None, overwrite: bool = False, threads: int | None = None) -> Manifest:
@@ -62,7 +63,8 @@ def export_pipeline(model, out: str | Path, names=None, overwrite: bool = False,
 
     `out` is written atomically: it appears complete or not at all.
     """
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    source = Path(model.source)
+    with atomic_dir(out, overwrite=overwrite, protect=(source,) if source.is_dir() else ()) as tmp:
         manifest = export_into(model, tmp, names, threads)
         manifest.write(tmp)
     return manifest
@@ -109,7 +111,8 @@ def export_into(model, root: Path, names=None, threads: int | None = None) -> Ma
 def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", submodels=None,
           dtype: str | None = None, overwrite: bool = False, tensorrt=None, aoti=None,
           precision: str | None = None, calibration: str | Path | None = None, plan: str | Path | None = None,
-          parity_shapes: str = "declared", config=None, ranges: dict | None = None) -> Manifest:
+          parity_shapes: str = "declared", config=None, ranges: dict | None = None,
+          allow_large: bool = False) -> Manifest:
     """Build engines for `source` into `out`.
 
     `config`: a build config (`OnnxRuntimeBuildConfig`, `TensorRTBuildConfig`, `AotiBuildConfig`, ...): its type
@@ -154,7 +157,9 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
     if same and kind.needs_onnx and not quantized and _builds_nothing(kind):
         return manifest  # the export is the engine set, and it is there
     model = None
-    with atomic_dir(out, overwrite=overwrite or same) as tmp:
+    # never replace the source model folder (or a folder holding it); an engine directory rebuilt in place may be
+    protect = () if same or not src.is_dir() else (src,)
+    with atomic_dir(out, overwrite=overwrite or same, protect=protect) as tmp:
         if from_dir:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
             if not kind.needs_onnx or quantized:
@@ -168,7 +173,7 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
         else:
             from diffkiln.export.pipeline import new_manifest, write_runtime_files
 
-            model = load_source_model(source, submodels, dtype, ranges)
+            model = load_source_model(source, submodels, dtype, ranges, allow_large)
             if kind.needs_onnx:
                 manifest = export_into(model, tmp)
             else:  # compiled from the torch modules; no ONNX needed

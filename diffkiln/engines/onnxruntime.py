@@ -11,7 +11,7 @@ import numpy as np
 from diffkiln.engines.base import Engine
 from diffkiln.engines.registry import QUANTIZED, Backend, register
 from diffkiln.errors import DiffkilnError, require
-from diffkiln.manifest import DTYPE_PRECISION, SubmodelSpec
+from diffkiln.manifest import DTYPE_PRECISION, SubmodelSpec, path_of
 
 PREPACK_LIMIT_BYTES = 1 << 30  # graphs with more external weight bytes than this are not pre-packed
 
@@ -113,7 +113,7 @@ class OnnxRuntimeBackend(Backend):
     set_lora = staticmethod(set_lora)
 
     def open(self, root, manifest, entry, **options):
-        return {name: OnnxRuntimeEngine(root / files[0], manifest.submodels[name], **options)
+        return {name: OnnxRuntimeEngine(path_of(root, files[0], manifest), manifest.submodels[name], **options)
                 for name, files in entry.files.items()}
 
     def runnable_here(self, entry=None):

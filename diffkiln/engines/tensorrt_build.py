@@ -9,7 +9,6 @@ free; full TensorRT also keeps its timing cache there (TensorRT-RTX's is a no-op
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -22,8 +21,8 @@ from diffkiln.engines.registry import QUANTIZED, Backend, register
 from diffkiln.engines.skus import PRECISIONS, SKUS, check_precision, parse_skus
 from diffkiln.engines.tensorrt import Flavor, detect_gpu, load_flavor
 from diffkiln.errors import DiffkilnError
-from diffkiln.fileio import atomic_write_bytes, sha256_file, sha256_json
-from diffkiln.manifest import PRECISION_DTYPE, EngineEntry, Manifest
+from diffkiln.fileio import atomic_write_bytes, read_json_file, sha256_file, sha256_json
+from diffkiln.manifest import PRECISION_DTYPE, EngineEntry, Manifest, path_of
 from diffkiln.progress import log, progress
 
 BUILDABLE_PRECISIONS = ("fp32", "fp16", "fp8", "nvfp4")
@@ -231,7 +230,7 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
     flavor = flavor or load_flavor()
     check_request(flavor, config)
     onnx = manifest.engine("onnxruntime", precision=config.precision)
-    settings = json.loads((root / "pipeline.json").read_text())
+    settings = read_json_file(root / "pipeline.json", what="pipeline.json")  # the directory being written
     profs = profiles(manifest, settings, config)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     if config.use_cache:
@@ -312,7 +311,7 @@ class TensorRTBackend(Backend):
         from diffkiln.engines.tensorrt import TensorRTEngine, narrowed_spec
 
         flavor = load_flavor(entry.options.get("flavor"))
-        return {name: TensorRTEngine(root / files[0], narrowed_spec(manifest.submodels[name], entry.options["profiles"][name]),
+        return {name: TensorRTEngine(path_of(root, files[0], manifest), narrowed_spec(manifest.submodels[name], entry.options["profiles"][name]),
                                      flavor, **options)
                 for name, files in entry.files.items()}
 

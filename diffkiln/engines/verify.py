@@ -42,7 +42,8 @@ def verify_engines(root: str | Path, backend: str | None = None, target: str | N
     `backend=None`: the engine set `generate` would run here (see engines.select_engines)."""
     from diffkiln.engines import get_backend, open_engines, select_engines
     from diffkiln.engines.eager import EagerEngine
-    from diffkiln.export.parity import check_parity
+    from diffkiln.export.parity import check_parity, require_parity
+
     root = Path(root)
     manifest = read_manifest(root, verify=True)
     entry = select_engines(manifest, backend, target, precision, root=root)
@@ -59,6 +60,8 @@ def verify_engines(root: str | Path, backend: str | None = None, target: str | N
         entry.parity[name] = check_parity(sub, eager, engines[name])
         worst = max(r["max_abs"] for r in entry.parity[name])
         log(f"{entry.key} {name}: max abs err vs eager {worst:.2e} over {len(shapes)} shape(s)")
+        # a failing engine set is refused, not recorded as verified (the manifest is left as it was)
+        require_parity(f"the {entry.key} engine", name, entry.parity[name])
     entry.options.pop("parity", None)
     manifest.write(root)
     return manifest, entry

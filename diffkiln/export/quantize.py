@@ -266,9 +266,14 @@ def install_quantized_set(manifest, base, precision: str, files: list[str], pari
     denoiser's) in their place, replacing any earlier set of that key in `manifest`."""
     import time
 
+    from diffkiln.export.parity import MIN_COSINE_QUANTIZED, require_parity
     from diffkiln.manifest import EngineEntry
     from diffkiln.progress import log
 
+    # the quantized graph must compute what its eager fake-quant twin does, with finite values (a NaN calibration,
+    # a broken rewrite); and its output must still resemble the unquantized model's
+    require_parity(f"the {precision} graph (vs its eager fake-quant twin)", submodel, parity, MIN_COSINE_QUANTIZED)
+    require_parity(f"the {precision} graph (vs the unquantized model)", submodel, quality, MIN_COSINE_QUANTIZED)
     entry = EngineEntry(
         "onnxruntime", precision, "any",
         files={**{k: v for k, v in base.files.items() if k != submodel}, submodel: files},

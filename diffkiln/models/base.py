@@ -3,8 +3,9 @@
 A family is one module with
   * a preset dataclass (a `PresetBase` or `VideoPresetBase` subclass) and its table of presets,
   * a model class deriving from `FamilyModel` that declares its components (`COMPONENTS`), its diffusers
-    pipeline class, its denoiser submodel, its tokenizer's special tokens, and implements the abstract
-    methods (`folder_preset`, `family_settings`, `submodels`),
+    pipeline classes (`FAMILIES`), its preset class, its denoiser submodel, its tokenizer's special tokens, whether
+    it predicts flow, and implements the abstract methods (`geometry`, `preset_tokenizer`, `family_settings`,
+    `submodels`); `Adapter` refuses a class that does not,
   * one `Adapter(...)` object named `ADAPTER`, registered in `diffkiln.models.registry.ADAPTERS`.
 Folder loading (safetensors only), seeded random modules for presets, `save_pretrained`, the config hash,
 weights digests, diffusers' pipeline over the same modules, user-declared shape ranges and the settings every
@@ -99,6 +100,20 @@ def family_defaults(family_pipeline: str, **known) -> dict:
 
 GENERATION_FIELDS = ("max_sequence_length", "height", "width", "steps", "guidance_scale", "min_pixels", "max_pixels",
                      "max_batch", "num_frames", "fps", "min_frames", "max_frames", "decode_chunk")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A model's spatial layout: pixels per latent pixel (the VAE), what latent sides must be a multiple of (the
+    denoiser's patch or total downsampling), and its natural image side in pixels (diffusers' sample_size)."""
+
+    vae_factor: int
+    latent_multiple: int
+    sample_pixels: int
+
+    @property
+    def stride(self) -> int:
+        return self.vae_factor * self.latent_multiple
 
 
 @dataclass(frozen=True)
@@ -213,9 +228,23 @@ class FamilyModel(ABC):
     # -- declared by each family -------------------------------------------------------------------------------
     @classmethod
     @abstractmethod
+    def geometry(cls, configs: dict[str, dict]) -> Geometry:
+        """The model's spatial layout, from its component configs."""
+
+    @classmethod
     def folder_sizes(cls, configs: dict[str, dict]) -> dict:
         """Preset fields a diffusers folder's own configs imply: its natural size and the size range
-        (`size_defaults`), frames, text length..."""
+        (`size_defaults`); families add frames, text length..."""
+        g = cls.geometry(configs)
+        return size_defaults(g.sample_pixels, g.stride)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.geometry(self.configs).vae_factor
+
+    @property
+    def pixel_stride(self) -> int:
+        return self.geometry(self.configs).stride
 
     @classmethod
     def folder_preset(cls, folder: Path, family: str, configs: dict[str, dict], scheduler: dict):
@@ -338,6 +367,7 @@ class FamilyModel(ABC):
             "max_sequence_length": p.max_sequence_length,
             "flow": self.FLOW,
             "pad_token_id": 0 if pad is None else pad,
+            "text_vocab_size": self.text_encoder_config.get("vocab_size"),
             "complex_human_instruction": self.instruction,
             "pixel_stride": self.pixel_stride,
             "min_pixels": p.min_pixels,
@@ -414,6 +444,52 @@ class FamilyModel(ABC):
         return n
 
 
+# Bounds no real diffusion model's config comes near (Gemma's 256k vocabulary, 2048-channel UNets, 60-layer
+# transformers): a config beyond them is a typo or hostile, and building it would exhaust memory first.
+CONFIG_BOUNDS = {"layers": 1024, "vocab": 1 << 21, "width": 1 << 17}
+
+
+def _config_value_error(where: str, config: dict) -> str | None:
+    for key, v in config.items():
+        values = v if isinstance(v, (list, tuple)) else [v]
+        ints = [x for x in values if isinstance(x, int) and not isinstance(x, bool)]
+        kind = ("layers" if "layer" in key or key.endswith("blocks") else "vocab" if "vocab" in key else
+                "width" if any(w in key for w in ("dim", "size", "channels", "heads", "d_model", "d_ff", "d_kv")) else None)
+        if kind is None or not ints:
+            continue
+        bad = [x for x in ints if x < 0 or x > CONFIG_BOUNDS[kind]]
+        if bad:
+            return f"{where}: {key}={v!r} is outside [0, {CONFIG_BOUNDS[kind]}]"
+    return None
+
+
+def check_size(model, submodels, dtype, where: str, allow_large: bool = False) -> None:
+    """Before any module is built: config values within sane bounds, and the weights of the requested submodels
+    (counted on the meta device: no memory) fit in this machine's memory, unless `allow_large`."""
+    import torch
+
+    wanted = [c for c in model.COMPONENTS if c.submodel in submodels]
+    for c in wanted:
+        problem = _config_value_error(f"{where} {c.attr} config", model.config(c.attr))
+        if problem:
+            raise DiffkilnError(problem)
+    with torch.device("meta"):
+        params = {c.attr: sum(p.numel() for p in c.build(model.config(c.attr)).parameters()) for c in wanted}
+    need = sum(params.values()) * torch.empty((), dtype=dtype).element_size()
+    try:
+        import os
+
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > 0.9 * have and not allow_large:
+        sizes = ", ".join(f"{k} {v / 1e6:.0f} M" for k, v in params.items())
+        raise DiffkilnError(f"{where}: the weights of {', '.join(c.submodel for c in wanted)} ({sizes} parameters) need "
+                            f"{need / 2**30:.1f} GiB in {str(dtype).replace('torch.', '')}; this machine has "
+                            f"{have / 2**30:.1f} GiB. Load fewer submodels (--submodels), a smaller dtype, or pass "
+                            "--allow-large-model if you know it fits")
+
+
 def preset_table(*presets) -> dict:
     return {p.name: p for p in presets}
 
@@ -426,7 +502,7 @@ class Adapter:
     presets: dict  # name -> preset (a callable returning the table is accepted: built lazily)
 
     def __post_init__(self):
-        missing = [m for m in ("folder_sizes", "preset_tokenizer", "family_settings", "submodels")
+        missing = [m for m in ("geometry", "preset_tokenizer", "family_settings", "submodels")
                    if getattr(self.model_cls, m, None) is None or getattr(getattr(self.model_cls, m),
                                                                          "__isabstractmethod__", False)]
         if missing or not self.model_cls.COMPONENTS or not self.model_cls.FAMILIES:
@@ -469,18 +545,21 @@ class Adapter:
     def family_of(self, preset) -> str:
         return getattr(preset, "family", None) or next(iter(self.model_cls.FAMILIES.values()))
 
-    def load_model(self, source, submodels=None, dtype: str = "float32", ranges: dict | None = None):
-        """A preset name or a local diffusers folder -> the model object with the requested modules built/loaded."""
+    def load_model(self, source, submodels=None, dtype: str = "float32", ranges: dict | None = None,
+                   allow_large: bool = False):
+        """A preset name or a local diffusers folder -> the model object with the requested modules built/loaded.
+        Configs are sanity-checked before any module is built (`check_size`); `allow_large` lifts the memory check."""
         submodels = tuple(submodels) if submodels else self.SUBMODELS
         folder, tdtype = check_request(source, submodels, self.SUBMODELS, dtype)
         if folder is not None:
-            model = self._load_folder(folder, submodels, tdtype)
+            model = self._load_folder(folder, submodels, tdtype, allow_large)
         else:
             preset = self.get_preset(str(source))
             model = self._new(preset.name, "preset", self.family_of(preset), preset,
                               {c.attr: dict(getattr(preset, c.attr)) for c in self.model_cls.COMPONENTS},
                               dict(preset.scheduler), self.model_cls.preset_tokenizer(preset), {})
             model.check_config(f"preset {preset.name}")
+            check_size(model, submodels, tdtype, f"preset {preset.name}", allow_large)
             self._build_modules(model, submodels, tdtype, preset.seed)
         return model.with_ranges(ranges)
 
@@ -500,7 +579,7 @@ class Adapter:
         for c, module in built.items():
             setattr(model, c.attr, loaded(model, c.submodel, module, dtype))
 
-    def _load_folder(self, folder: Path, submodels, dtype):
+    def _load_folder(self, folder: Path, submodels, dtype, allow_large: bool = False):
         from tokenizers import Tokenizer
 
         from diffkiln.runtime.schedulers import check_scheduler_config
@@ -530,6 +609,7 @@ class Adapter:
                           Tokenizer.from_file(str(tok_file)),
                           folder_special_tokens(folder, self.model_cls.SPECIAL_TOKENS))
         model.check_config(str(folder))
+        check_size(model, submodels, dtype, str(folder), allow_large)
         for c in self.model_cls.COMPONENTS:
             if c.submodel in submodels:
                 check_safetensors(folder / c.attr)

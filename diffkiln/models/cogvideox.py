@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.models.base import Adapter, Component, FamilyModel, VideoPresetBase, preset_table
+from diffkiln.models.base import Geometry, Adapter, Component, FamilyModel, VideoPresetBase, preset_table
 
 FAMILY = "cogvideox"
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")
@@ -162,6 +162,11 @@ class CogVideoXModel(FamilyModel):
         return build_t5_word_tokenizer([" ".join(preset.extra_vocab)], preset.text_encoder["vocab_size"])
 
     @classmethod
+    def geometry(cls, configs):
+        t, f = configs["transformer"], 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+        return Geometry(f, t.get("patch_size", 2), max(t.get("sample_height", 60), t.get("sample_width", 90)) * f)
+
+    @classmethod
     def folder_sizes(cls, configs):
         t, v = configs["transformer"], configs["vae"]
         f = 2 ** (len(v["block_out_channels"]) - 1)
@@ -187,16 +192,8 @@ class CogVideoXModel(FamilyModel):
         return max(preset.min_frames, 1 + (n - 1) // m * m)
 
     @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
-
-    @property
     def temporal_compression(self) -> int:
         return int(self.vae_config.get("temporal_compression_ratio", 4))
-
-    @property
-    def pixel_stride(self) -> int:
-        return self.vae_scale_factor * self.transformer_config.get("patch_size", 2)
 
     def latent_frames(self, frames: int) -> int:
         return (frames - 1) // self.temporal_compression + 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
@@ -79,12 +78,16 @@ def check_safetensors(sub: Path) -> None:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DiffkilnError(f"{path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise DiffkilnError(f"{path} is not valid JSON: {e}") from None
+    """A diffusers folder's JSON file through the strict reader (regular file, size cap, no duplicate keys, no NaN;
+    the +-Infinity diffusers writes in scheduler configs is accepted); it must hold an object."""
+    from diffkiln.fileio import read_json_file
+
+    if not path.exists():
+        raise DiffkilnError(f"{path} is missing")
+    data = read_json_file(path, 64 << 20, "JSON file", infinities=True)
+    if not isinstance(data, dict):
+        raise DiffkilnError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def effective_config(cls, conf: dict) -> dict:

@@ -8,7 +8,6 @@ Adapters import torch / diffusers lazily, so listing presets stays cheap.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
@@ -40,12 +39,11 @@ def adapter_for(source: str | Path):
     path = Path(source)
     if path.is_dir():
         index = path / "model_index.json"
-        try:
-            cls = json.loads(index.read_text()).get("_class_name")
-        except FileNotFoundError:
-            raise DiffkilnError(f"{path}: model_index.json is missing (not a diffusers folder)") from None
-        except json.JSONDecodeError as e:
-            raise DiffkilnError(f"{index} is not valid JSON: {e}") from None
+        if not index.exists():
+            raise DiffkilnError(f"{path}: model_index.json is missing (not a diffusers folder)")
+        from diffkiln.models.loading import read_json
+
+        cls = read_json(index).get("_class_name")
         for mod in adapters():
             if cls in mod.PIPELINE_CLASSES:
                 return mod
@@ -60,13 +58,15 @@ def adapter_for(source: str | Path):
     raise DiffkilnError(f"Unknown preset {str(source)!r}; available presets: {', '.join(names)}")
 
 
-def load_model(source: str | Path, submodels=None, dtype: str = "float32", ranges: dict | None = None):
+def load_model(source: str | Path, submodels=None, dtype: str = "float32", ranges: dict | None = None,
+               allow_large: bool = False):
     """A preset name or a local diffusers folder -> the adapter's model object with those submodels built.
     `ranges`: user-declared shape ranges (min_size, max_size, max_batch, min_frames, max_frames), see
     `diffkiln.models.base.FamilyModel.with_ranges`."""
     mod = adapter_for(source)
     if hasattr(mod, "model_cls"):
-        return mod.load_model(source, tuple(submodels) if submodels else mod.SUBMODELS, dtype=dtype, ranges=ranges)
+        return mod.load_model(source, tuple(submodels) if submodels else mod.SUBMODELS, dtype=dtype, ranges=ranges,
+                              allow_large=allow_large)
     model = mod.load_model(source, tuple(submodels) if submodels else mod.SUBMODELS, dtype=dtype)
     if ranges:
         raise DiffkilnError(f"shape ranges are not supported for {model.family} yet")

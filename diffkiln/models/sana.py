@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.models.base import Adapter, Component, FamilyModel, size_defaults
+from diffkiln.models.base import Geometry, Adapter, Component, FamilyModel
 from diffkiln.models.presets import PRESETS, Preset
 from diffkiln.models.tokenizer import build_word_tokenizer
 
@@ -27,10 +27,17 @@ GEMMA_TOKENS = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
 
 
 class GemmaTextModel(FamilyModel):
-    """What Sana's families share: the Gemma2 text encoder, its tokenizer layout, the complex human instruction."""
+    """What Sana's families share: the Gemma2 text encoder, its tokenizer layout, the complex human instruction, a
+    flow-predicting transformer. A family declares itself in its class line:
+    `class X(GemmaTextModel, families={pipeline class: family}, preset=PresetClass, denoiser=..., vae=...)`."""
 
     SPECIAL_TOKENS = GEMMA_TOKENS
     FLOW = True
+
+    def __init_subclass__(cls, families: dict, preset: type, denoiser: str, vae: str, **kw):
+        super().__init_subclass__(**kw)
+        cls.FAMILIES, cls.PRESET_CLASS = families, preset
+        cls.COMPONENTS = (GEMMA2_TEXT, Component.denoiser(denoiser), Component.vae(vae))
 
     @classmethod
     def preset_tokenizer(cls, preset):
@@ -39,31 +46,18 @@ class GemmaTextModel(FamilyModel):
                                     preset.text_encoder["vocab_size"])
 
 
-class SanaModel(GemmaTextModel):
+class SanaModel(GemmaTextModel, families=PIPELINE_CLASSES, preset=Preset, denoiser="diffusers.SanaTransformer2DModel",
+                vae="diffusers.AutoencoderDC"):
     """A Sana pipeline's parts. Modules not asked for are None (big text encoders cost 10 GB in fp32)."""
 
-    FAMILIES = PIPELINE_CLASSES
-    PRESET_CLASS = Preset
-    COMPONENTS = (GEMMA2_TEXT, Component.denoiser("diffusers.SanaTransformer2DModel"),
-                  Component.vae("diffusers.AutoencoderDC"))
-
     @classmethod
-    def folder_sizes(cls, configs):
-        t, v = configs["transformer"], configs["vae"]
-        stride = 2 ** (len(v["encoder_block_out_channels"]) - 1) * t.get("patch_size", 1)
-        return size_defaults(t.get("sample_size", 32) * stride, stride)
+    def geometry(cls, configs):  # sample_size counts patches: 32 at 1024 px for f32, patch 1
+        f, p = 2 ** (len(configs["vae"]["encoder_block_out_channels"]) - 1), configs["transformer"].get("patch_size", 1)
+        return Geometry(f, p, configs["transformer"].get("sample_size", 32) * f * p)
 
     def prepare_modules(self, modules: dict) -> None:
         if self.preset.weights and modules:
             _load_preset_weights(self, {k: m for k, m in modules.items() if k != "text_encoder"})
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae_config["encoder_block_out_channels"]) - 1)
-
-    @property
-    def pixel_stride(self) -> int:
-        return self.vae_scale_factor * self.transformer_config.get("patch_size", 1)
 
     def submodels(self, names=None) -> dict:
         """Export-friendly wrappers with their I/O specs (see `diffkiln.models.submodels`)."""

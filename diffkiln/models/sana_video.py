@@ -18,8 +18,8 @@ import numpy as np
 
 from diffkiln.errors import DiffkilnError
 from diffkiln.manifest import SubmodelSpec, TensorSpec
-from diffkiln.models.base import Adapter, Component, VideoPresetBase, preset_table, size_defaults
-from diffkiln.models.sana import GEMMA2_TEXT, GemmaTextModel
+from diffkiln.models.base import Geometry, Adapter, VideoPresetBase, preset_table
+from diffkiln.models.sana import GemmaTextModel
 
 FAMILY = "sana-video"
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")
@@ -85,20 +85,18 @@ def _presets() -> dict[str, VideoPreset]:
     )
 
 
-class SanaVideoModel(GemmaTextModel):
+class SanaVideoModel(GemmaTextModel, families=PIPELINE_CLASSES, preset=VideoPreset,
+                     denoiser="diffusers.SanaVideoTransformer3DModel", vae="diffusers.AutoencoderKLWan"):
     """A Sana-Video pipeline's parts. Modules not asked for are None."""
 
-    FAMILIES = PIPELINE_CLASSES
-    PRESET_CLASS = VideoPreset
-    COMPONENTS = (GEMMA2_TEXT, Component.denoiser("diffusers.SanaVideoTransformer3DModel"),
-                  Component.vae("diffusers.AutoencoderKLWan"))
+    @classmethod
+    def geometry(cls, configs):  # diffusers: sample_size 30 is 480p (f8 x patch 2)
+        f, p = configs["vae"].get("scale_factor_spatial") or 8, max(tuple(configs["transformer"].get("patch_size", (1, 2, 2)))[1:])
+        return Geometry(f, p, (configs["transformer"].get("sample_size") or 30) * f * p)
 
     @classmethod
-    def folder_sizes(cls, configs):
-        t, v = configs["transformer"], configs["vae"]
-        stride = (v.get("scale_factor_spatial") or 8) * max(tuple(t.get("patch_size", (1, 2, 2)))[1:])
-        # diffusers: sample_size 30 is 480p (f8 x patch 2); frames and steps: SanaVideoPipeline's defaults
-        return dict(size_defaults((t.get("sample_size") or 30) * stride, stride), fps=16)
+    def folder_sizes(cls, configs):  # frames and steps: SanaVideoPipeline's call defaults
+        return dict(super().folder_sizes(configs), fps=16)
 
     def check_config(self, where: str) -> None:
         _check_vae(self.vae_config)
@@ -108,20 +106,12 @@ class SanaVideoModel(GemmaTextModel):
         return max(1, 1 + (n - 1) // m * m)
 
     @property
-    def vae_scale_factor(self) -> int:
-        return self.vae_config.get("scale_factor_spatial") or 8
-
-    @property
     def vae_scale_factor_temporal(self) -> int:
         return self.vae_config.get("scale_factor_temporal") or TEMPORAL_STRIDE
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
         return tuple(self.transformer_config.get("patch_size", (1, 2, 2)))
-
-    @property
-    def pixel_stride(self) -> int:
-        return self.vae_scale_factor * max(self.patch_size[1:])
 
     @property
     def latent_frames(self) -> tuple[int, int]:

@@ -98,7 +98,7 @@ def text_encoder_submodel(model, hidden: int, masked: bool) -> Submodel:
     L, msl, p = model.text_max_length, model.preset.max_sequence_length, model.preset
     vocab = model.text_encoder_config["vocab_size"]
     special = {model.token_id(k) for k in ("pad", "eos", "bos", "unk")} - {None}
-    first = max(special, default=-1) + 1  # word ids start after the special tokens in the stand-in vocabularies
+    words = np.setdiff1d(np.arange(vocab), sorted(special))  # ids of ordinary tokens, wherever the specials sit
 
     class TextEncoder(torch.nn.Module):
         def __init__(self, text_encoder):
@@ -114,12 +114,12 @@ def text_encoder_submodel(model, hidden: int, masked: bool) -> Submodel:
         rng = np.random.default_rng(seed)
         b, n = dims["batch"], dims.get("text_tokens", L)
         if masked:
-            return {"input_ids": rng.integers(first, vocab, (b, n)).astype(np.int64), "attention_mask": _mask(rng, b, n)}
+            return {"input_ids": rng.choice(words, (b, n)).astype(np.int64), "attention_mask": _mask(rng, b, n)}
         bos, eos, pad = model.token_id("bos"), model.token_id("eos"), model.token_id("pad")
         ids = np.full((b, n), 0 if pad is None else pad, np.int64)
         for i in range(b):  # [bos] words [eos] pad...
-            words = list(rng.integers(first, vocab, int(rng.integers(1, n - 1))))
-            row = ([bos] if bos is not None else []) + words + ([eos] if eos is not None else [])
+            text = list(rng.choice(words, int(rng.integers(1, max(2, n - 1)))))
+            row = ([bos] if bos is not None else []) + text + ([eos] if eos is not None else [])
             ids[i, : min(n, len(row))] = row[:n]
         return {"input_ids": ids}
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from diffkiln.models.base import (
+    Geometry,
     Adapter,
     Component,
     FamilyModel,
     VideoPresetBase,
     family_defaults,
     preset_table,
-    size_defaults,
 )
 
 FAMILY = "text-to-video-ms"
@@ -130,19 +130,16 @@ class T2VMsModel(FamilyModel):
     )
     SPECIAL_TOKENS = {"pad": PAD, "eos": EOS, "bos": BOS, "unk": UNK}
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+    @classmethod
+    def geometry(cls, configs):
+        # latent sides must be multiples of the UNet's total downsampling (else diffusers switches to explicit
+        # upsample sizes, a data-dependent path the engines are not built for); sample_size counts latent pixels
+        f, m = 2 ** (len(configs["vae"]["block_out_channels"]) - 1), 2 ** (len(configs["unet"]["block_out_channels"]) - 1)
+        return Geometry(f, m, configs["unet"].get("sample_size", 32) * f)
 
     @property
     def latent_multiple(self) -> int:
-        """Latent sides must be multiples of the UNet's total downsampling (else diffusers switches to
-        explicit upsample sizes, a data-dependent path the engines are not built for)."""
-        return 2 ** (len(self.unet_config["block_out_channels"]) - 1)
-
-    @property
-    def pixel_stride(self) -> int:
-        return self.vae_scale_factor * self.latent_multiple
+        return self.geometry(self.configs).latent_multiple
 
     @classmethod
     def preset_tokenizer(cls, preset):
@@ -150,12 +147,9 @@ class T2VMsModel(FamilyModel):
 
     @classmethod
     def folder_sizes(cls, configs):
-        u, v, te = configs["unet"], configs["vae"], configs["text_encoder"]
-        f = 2 ** (len(v["block_out_channels"]) - 1)
-        stride = f * 2 ** (len(u["block_out_channels"]) - 1)
         frames = family_defaults("TextToVideoSDPipeline")["num_frames"]
-        return dict(size_defaults(u.get("sample_size", 32) * f, stride), fps=8, max_frames=2 * frames,
-                    max_sequence_length=te.get("max_position_embeddings", 77))
+        return dict(super().folder_sizes(configs), fps=8, max_frames=2 * frames,
+                    max_sequence_length=configs["text_encoder"].get("max_position_embeddings", 77))
 
     def nearest_frames(self, n: int, preset) -> int:
         return n

@@ -16,10 +16,10 @@ def load_pipeline(root: str | Path, backend: str | None = None, target: str | No
     (TensorRT for this GPU, AOTInductor for this device, ONNX Runtime); the choice is logged.
     `scheduler`: a scheduler name (diffkiln.runtime.schedulers.SCHEDULER_NAMES) replacing the folder's."""
     from diffkiln.runtime.pipeline import open_engine_dir
-    from diffkiln.runtime.video import is_video, video_pipeline_class
+    from diffkiln.runtime.video import VIDEO_PIPELINES, video_pipeline_class
 
     engines, settings, scheduler_config, tokenizer = open_engine_dir(root, backend, target, precision, verify,
                                                                      **engine_options)
-    cls = video_pipeline_class(settings["family"]) if is_video(root) else Pipeline
+    cls = video_pipeline_class(settings.family) if settings.family in VIDEO_PIPELINES else Pipeline
     extra = {} if scheduler is None else {"scheduler": scheduler}
     return cls(engines, settings, scheduler_config, tokenizer, **extra)

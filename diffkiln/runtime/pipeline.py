@@ -10,7 +10,6 @@ generator. The same seed therefore gives the same starting noise on every instal
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,15 +51,18 @@ def open_engine_dir(root: str | Path, backend: str | None = None, target: str | 
 
     `backend=None`: the only engine set present, else the best one this machine runs (logged)."""
     from diffkiln.engines import open_engines, select_engines
-    from diffkiln.manifest import read_manifest
+    from diffkiln.manifest import path_of, read_listed_json, read_manifest
+    from diffkiln.settings import PipelineSettings
 
     root = Path(root)
     manifest = read_manifest(root, verify=verify)
+    # the runtime files are listed, hashed, inside the directory and strictly parsed before any engine is opened
+    settings = PipelineSettings.from_dict(read_listed_json(root, manifest, "pipeline.json"), f"{root}/pipeline.json")
+    scheduler = read_listed_json(root, manifest, "scheduler.json", infinities=True)  # diffusers writes -Infinity
+    tokenizer = path_of(root, "tokenizer.json", manifest)
     entry = select_engines(manifest, backend, target, precision, root=root)
     engines = open_engines(root, manifest, entry, **engine_options)
-    settings = json.loads((root / "pipeline.json").read_text())
-    scheduler = json.loads((root / "scheduler.json").read_text())
-    return engines, settings, scheduler, root / "tokenizer.json"
+    return engines, settings, scheduler, tokenizer
 
 
 @dataclass(frozen=True)

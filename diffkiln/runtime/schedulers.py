@@ -31,6 +31,31 @@ class SchedulerConfigError(DiffkilnError, ValueError):
     """A scheduler config these ports do not implement (a ``DiffkilnError``; a ``ValueError`` as in diffusers)."""
 
 
+# Numeric config keys: (int | real, lowest, highest); outside these no diffusers scheduler is meaningful.
+_NUMBERS = {
+    "num_train_timesteps": (int, 1, 100_000), "steps_offset": (int, 0, 100_000),
+    "beta_start": (float, 0.0, 1.0), "beta_end": (float, 0.0, 1.0), "flow_shift": (float, 1e-6, 1e6),
+    "shift": (float, 1e-6, 1e6), "sigma_data": (float, 1e-9, 1e6), "snr_shift_scale": (float, 1e-9, 1e6),
+    "sigma_min": (float, 0.0, 1e6), "sigma_max": (float, 0.0, 1e6),
+    "sample_max_value": (float, 0.0, 1e9), "clip_sample_range": (float, 0.0, 1e9),
+    "dynamic_thresholding_ratio": (float, 0.0, 1.0), "max_image_seq_len": (int, 1, 1 << 30),
+    "base_image_seq_len": (int, 1, 1 << 30), "base_shift": (float, -1e6, 1e6), "max_shift": (float, -1e6, 1e6),
+}
+_OPTIONAL = {"sigma_min", "sigma_max", "flow_shift", "shift", "max_image_seq_len", "base_image_seq_len", "base_shift",
+             "max_shift"}
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _check_number(cls_name: str, key: str, v: Any, kind: type, lo: float, hi: float) -> None:
+    ok = (isinstance(v, int) and not isinstance(v, bool)) if kind is int else _is_real(v)
+    if not ok or not lo <= v <= hi:
+        what = "an integer" if kind is int else "a finite number"
+        raise SchedulerConfigError(f"{cls_name}: config {key}={v!r:.40}; expected {what} in [{lo:g}, {hi:g}]")
+
+
 def _f32(fn: Any, x: Any) -> np.float32:
     """``fn`` of a float32 scalar, evaluated in float64 and rounded once: closer to torch's float32 kernels
     (Sleef/libm, at most about an ulp off the exact value) than numpy's own float32 routines."""
@@ -152,7 +177,18 @@ class Scheduler:
 
     @classmethod
     def validate(cls, config: dict) -> None:
-        """Raise ``SchedulerConfigError`` for a value of a resolved config that this port does not implement."""
+        """Raise ``SchedulerConfigError`` for a value of a resolved config that this port does not implement, or a
+        number of the wrong type or out of range (a hostile config must not reach the table builders)."""
+        if not isinstance(config, dict):
+            raise SchedulerConfigError(f"scheduler config: expected a JSON object, got {type(config).__name__}")
+        for key, (kind, lo, hi) in _NUMBERS.items():
+            if key in config and not (config[key] is None and key in _OPTIONAL):
+                _check_number(cls.__name__, key, config[key], kind, lo, hi)
+        betas = config.get("trained_betas")
+        if betas is not None and (not isinstance(betas, (list, tuple)) or len(betas) != config.get("num_train_timesteps")
+                                  or not all(_is_real(b) and 0 < b < 1 for b in betas)):
+            raise SchedulerConfigError(f"{cls.__name__}: config trained_betas must be null or num_train_timesteps "
+                                       "numbers in (0, 1)")
         for key, allowed in cls._supported.items():
             if config[key] not in allowed:
                 cls._refuse(key, config[key], allowed)

@@ -17,17 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
+from diffkiln.errors import DiffkilnError
+
 
 class PromptTokenizer:
     def __init__(self, tokenizer_file: str | Path, max_sequence_length: int, pad_id: int,
-                 instruction: list[str] | None = None):
+                 instruction: list[str] | None = None, vocab_size: int | None = None):
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_file(str(tokenizer_file))
+        try:
+            self._tok = Tokenizer.from_file(str(tokenizer_file))
+            self._cut = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # tokenizers raises plain Exception for a malformed file
+            raise DiffkilnError(f"{tokenizer_file}: not a tokenizers tokenizer.json ({' '.join(str(e).split())[:200]})") from None
         self._tok.no_padding()
         self._tok.no_truncation()
-        self._cut = Tokenizer.from_file(str(tokenizer_file))
         self._cut.no_padding()
+        self.vocab_size = vocab_size  # the text encoder's: an id past it would index out of its embedding
         self.max_sequence_length = max_sequence_length
         self.pad_id = pad_id
         self.instruction = "\n".join(instruction) if instruction else ""
@@ -37,7 +43,7 @@ class PromptTokenizer:
     @classmethod
     def from_settings(cls, tokenizer_file: str | Path, settings) -> PromptTokenizer:
         return cls(tokenizer_file, settings["max_sequence_length"], settings["pad_token_id"],
-                   settings.get("complex_human_instruction"))
+                   settings.get("complex_human_instruction"), settings.get("text_vocab_size"))
 
     def encode(self, prompts: list[str], with_instruction: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """-> input_ids, attention_mask, each [B, L] int64, truncated (special tokens kept) and right-padded to L."""
@@ -58,6 +64,11 @@ class PromptTokenizer:
             n = len(enc.ids)
             ids[i, :n] = enc.ids
             mask[i, :n] = 1
+        if self.vocab_size is not None and ids.size and ids.max() >= self.vocab_size:
+            bad = int(ids.max())
+            raise DiffkilnError(f"token {self._tok.id_to_token(bad)!r} has id {bad}, past the text encoder's vocabulary "
+                                f"({self.vocab_size}): the engine directory's tokenizer.json does not match its text "
+                                "encoder")
         return ids, mask
 
     def select(self, hidden: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

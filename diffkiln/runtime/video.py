@@ -16,7 +16,6 @@ defaults.fps.
 from __future__ import annotations
 
 import importlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,17 +140,20 @@ def video_pipeline_class(family: str) -> type[VideoPipeline]:
 
 
 def is_video(root: str | Path) -> bool:
-    """Whether an engine directory holds a video model (by its pipeline.json family). A directory without
-    pipeline.json is left to the loader, which names what is missing."""
-    path = Path(root) / "pipeline.json"
+    """Whether an engine directory holds a video model (by its pipeline.json family, read as the loader reads it:
+    listed in the manifest, hashed, strictly parsed). A directory that fails that is left to the loader, which
+    names what is wrong."""
+    from diffkiln.manifest import read_listed_json, read_manifest
+
     try:
-        return json.loads(path.read_text()).get("family") in VIDEO_PIPELINES
-    except (FileNotFoundError, json.JSONDecodeError):
+        settings = read_listed_json(root, read_manifest(root, verify=False), "pipeline.json")
+    except DiffkilnError:
         return False
+    return isinstance(settings, dict) and settings.get("family") in VIDEO_PIPELINES
 
 
 def load_video_pipeline(root: str | Path, backend: str | None = None, target: str | None = None,
                         precision: str | None = None, verify: bool = True, **engine_options) -> VideoPipeline:
     """The runtime pipeline of the video family an engine directory was built for."""
     engines, settings, scheduler, tokenizer = open_engine_dir(root, backend, target, precision, verify, **engine_options)
-    return video_pipeline_class(settings["family"])(engines, settings, scheduler, tokenizer)
+    return video_pipeline_class(settings.family)(engines, settings, scheduler, tokenizer)
