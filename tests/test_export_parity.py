@@ -28,7 +28,7 @@ def test_parity_rerun_in_ort_at_a_third_shape(tiny, tiny_engines):
     """Independent of the recorded figures: a shape not used at export (batch 3/odd sizes)."""
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
-    from diffkiln.models.submodels import sana_submodels
+    from diffkiln.models.sana import sana_submodels
 
     m = read_manifest(tiny_engines)
     subs = sana_submodels(tiny)

@@ -6,7 +6,7 @@ import numpy as np
 def test_save_and_load_folder(tiny, tmp_path):
     from diffkiln.engines.eager import EagerEngine
     from diffkiln.models.sana import load_model
-    from diffkiln.models.submodels import sana_submodels
+    from diffkiln.models.sana import sana_submodels
 
     folder = tmp_path / "tiny-folder"
     tiny.save_pretrained(folder)

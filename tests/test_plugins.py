@@ -110,7 +110,7 @@ def test_custom_op_is_the_reference_on_cpu_and_exports():
 @pytest.fixture(scope="module")
 def fused(tiny):
     """tiny-sana's transformer and VAE decoder with the fused op swapped in, and untouched copies."""
-    from diffkiln.models.submodels import sana_submodels
+    from diffkiln.models.sana import sana_submodels
     from diffkiln.plugins.linear_attention import use_fused_linear_attention
 
     subs = sana_submodels(tiny, ["transformer", "vae_decoder"])

@@ -1,4 +1,5 @@
-"""Export-friendly wrappers of Sana's submodels, their I/O specs (stable names, dim ranges) and sample inputs."""
+"""What every family's submodel declarations share: the Submodel record, float32-I/O wrappers, and the text encoder
+and image VAE decoder submodels (with their I/O specs and sample inputs)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import Callable
 import numpy as np
 
 from diffkiln.manifest import SubmodelSpec, TensorSpec
-from diffkiln.models.sana import SanaModel
 
 
 @dataclass
@@ -56,29 +56,15 @@ def holding(attr: str):
     return Holder
 
 
-def _wrappers():
-    """Wrappers with float32 I/O whatever the weights' dtype: casts sit inside the graph, so every
-    precision of a submodel shares one I/O spec and the runtime always feeds float32."""
-
-    class Transformer(holding("transformer")):
-        def forward(self, latents, encoder_hidden_states, encoder_attention_mask, timestep, guidance=None):
-            # latents [B, C, h, w]; encoder_hidden_states [B, L, D]; mask [B, L] int64; timestep [B]
-            w = next(self.transformer.parameters())
-            return self.transformer(
-                cast_like(latents, w),
-                encoder_hidden_states=cast_like(encoder_hidden_states, w),
-                encoder_attention_mask=encoder_attention_mask,
-                timestep=cast_like(timestep, w),
-                guidance=cast_like(guidance, w),
-                return_dict=False,
-            )[0].float()
+def image_vae_decoder(vae):
+    """The image VAE decoder wrapper (float32 I/O, the cast inside the graph): latents [B, C, h, w] (already divided
+    by the scaling factor) -> image [B, 3, H, W] in [-1, 1]."""
 
     class VaeDecoder(holding("vae")):
         def forward(self, latents):
-            # latents [B, C, h, w] (already divided by the scaling factor) -> image [B, 3, H, W] in [-1, 1]
             return self.vae.decode(cast_like(latents, next(self.vae.parameters())), return_dict=False)[0].float()
 
-    return Transformer, VaeDecoder
+    return VaeDecoder(vae)
 
 
 def _mask(rng, batch: int, length: int) -> np.ndarray:
@@ -152,69 +138,6 @@ def image_vae_submodel(model, lat: tuple[int, int], sides: tuple[int, int], max_
         dims={"batch": (1, max_batch), "latent_height": lat, "latent_width": lat,
               "image_height": (lat[0] * f, lat[1] * f), "image_width": (lat[0] * f, lat[1] * f)},
     )
-    return Submodel(spec, _wrappers()[1](model.vae), sample,
+    return Submodel(spec, image_vae_decoder(model.vae), sample,
                     [{"batch": 2, "latent_height": mid, "latent_width": mid},
                      {"batch": 1, "latent_height": other, "latent_width": mid}])
-
-
-def sana_submodels(model: SanaModel, names=None) -> dict[str, Submodel]:
-    """Submodels for the modules present in `model` (or the subset `names`)."""
-    Transformer = _wrappers()[0]
-    p, tc = model.preset, model.transformer_config
-    f = model.vae_scale_factor
-    lat = (p.min_pixels // f, p.max_pixels // f)
-    mid = max(lat[0], min(lat[1], p.height // f))
-    other = lat[0] if mid != lat[0] else lat[1]
-    batch = (1, 2 * p.max_batch)
-    fdtype = "float32"
-    out: dict[str, Submodel] = {}
-
-    if model.text_encoder is not None:
-        out["text_encoder"] = text_encoder_submodel(model, model.text_encoder_config["hidden_size"], masked=True)
-
-    if model.transformer is not None:
-        C, L = tc["in_channels"], p.max_sequence_length
-        D = tc["caption_channels"]
-        Cout = tc.get("out_channels") or C
-        sprint = bool(tc.get("guidance_embeds"))
-        patch = tc.get("patch_size", 1)
-        inputs = [
-            TensorSpec("latents", fdtype, ("batch", C, "latent_height", "latent_width")),
-            TensorSpec("encoder_hidden_states", fdtype, ("batch", L, D)),
-            TensorSpec("encoder_attention_mask", "int64", ("batch", L)),
-            TensorSpec("timestep", fdtype, ("batch",)),
-        ] + ([TensorSpec("guidance", fdtype, ("batch",))] if sprint else [])
-
-        def sample_tr(dims, seed):
-            rng = np.random.default_rng(seed)
-            b, h, w = dims["batch"], dims["latent_height"], dims["latent_width"]
-            feeds = {
-                "latents": rng.standard_normal((b, C, h, w), np.float32),
-                "encoder_hidden_states": rng.standard_normal((b, L, D), np.float32),
-                "encoder_attention_mask": _mask(rng, b, L),
-                # Sprint feeds the sCM time in [0, 1]; flow models the (scaled) train timestep.
-                "timestep": (rng.uniform(0.05, 0.95, b) * (1.0 if sprint else 1000.0 * tc.get("timestep_scale", 1.0))).astype(np.float32),
-            }
-            if sprint:
-                feeds["guidance"] = np.full(b, 4.5 * tc.get("guidance_embeds_scale", 0.1), np.float32)
-            return feeds
-
-        out["transformer"] = Submodel(
-            SubmodelSpec(
-                "transformer",
-                inputs=inputs,
-                outputs=[TensorSpec("noise_pred", fdtype, ("batch", Cout, "latent_height", "latent_width"))],
-                dims={"batch": batch, "latent_height": lat, "latent_width": lat},
-                multiples={d: patch for d in ("latent_height", "latent_width")} if patch > 1 else {},
-            ),
-            Transformer(model.transformer),
-            sample_tr,
-            [{"batch": 2, "latent_height": mid, "latent_width": mid},
-             {"batch": 1, "latent_height": other, "latent_width": mid}],
-        )
-
-    if model.vae is not None:
-        out["vae_decoder"] = image_vae_submodel(model, lat, (mid, other), p.max_batch)
-    if names is not None:
-        out = {k: v for k, v in out.items() if k in names}
-    return out
