@@ -22,7 +22,7 @@ from diffkiln.plugins import formats as fmt
 from diffkiln.plugins.nvfp4_linear import (
     _fp32_apply,
     check_device,
-    jit_helpers,
+    jit_kernel,
     replace_module,
     select_linears,
 )
@@ -42,15 +42,8 @@ def reference(x, w_bits, w_scale, x_scale, bias=None):
     return y.to(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
 def kernels():
-    """The kernel, jitted: compiled for the GPU, or Triton's interpreter under TRITON_INTERPRET=1."""
-    import triton
-
-    from diffkiln.plugins import fp8_linear_kernels as mod
-
-    jit_helpers(mod, "e4m3_round", "e4m3_decode")
-    return triton.jit(mod.fp8_linear_kernel)
+    return jit_kernel("diffkiln.plugins.fp8_linear_kernels", "fp8_linear_kernel", "e4m3_round", "e4m3_decode")
 
 
 def check_args(x, w_bits, w_scale, x_scale, bias) -> None:

@@ -43,14 +43,20 @@ def jit_helpers(module, *names) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def kernels():
-    """The kernel, jitted: compiled for the GPU, or Triton's interpreter under TRITON_INTERPRET=1."""
+def jit_kernel(module: str, kernel: str, *helpers: str):
+    """`module.kernel` jitted (its helpers first, in place): compiled for the GPU, or Triton's interpreter under
+    TRITON_INTERPRET=1."""
+    import importlib
+
     import triton
 
-    from diffkiln.plugins import nvfp4_linear_kernels as mod
+    mod = importlib.import_module(module)
+    jit_helpers(mod, *helpers)
+    return triton.jit(getattr(mod, kernel))
 
-    jit_helpers(mod, "e2m1_decode", "e4m3_decode")
-    return triton.jit(mod.nvfp4_linear_kernel)
+
+def kernels():
+    return jit_kernel("diffkiln.plugins.nvfp4_linear_kernels", "nvfp4_linear_kernel", "e2m1_decode", "e4m3_decode")
 
 
 def check_args(x, packed, scales, global_scale, bias) -> None:
