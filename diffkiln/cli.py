@@ -250,6 +250,51 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), prompt=args.prompt, seed=args.seed, repeats=args.repeats, image=Path(args.output))
 
 
+def _engine_options(args) -> dict:
+    return {} if args.threads is None else {"threads": args.threads}
+
+
+def cmd_serve(args) -> None:
+    import time
+
+    from diffkiln.serve import require_ray
+
+    require_ray()
+    from diffkiln.serve import app
+
+    app.start(args.engines, host=args.host, port=args.port, address=args.address, replicas=args.replicas,
+              max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+              cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica, backend=args.backend,
+              engine_options=_engine_options(args))
+    print(f"serving {args.engines} at http://{args.host}:{args.port} (POST /v1/images or /v1/videos, GET /v1/models, "
+          "GET /healthz); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        app.stop()
+
+
+def cmd_batch(args) -> None:
+    from diffkiln.serve import batch, jobs
+
+    if args.grid:
+        if not args.prompts or args.jobs:
+            raise DiffkilnError("--grid takes --prompts FILE (and --seeds, --lora, --lora-scales, --guidance), not JOBS")
+        todo = jobs.grid(args.prompts, args.seeds, args.lora, args.lora_scales, args.guidance)
+    else:
+        if not args.jobs:
+            raise DiffkilnError("give JOBS.jsonl, or --grid --prompts FILE")
+        todo = jobs.read_jobs(args.jobs)
+    r = batch.run(args.engines, todo, args.output, address=args.address, num_cpus=args.num_cpus,
+                  workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                  backend=args.backend, engine_options=_engine_options(args))
+    print(f"{r['done']} jobs done, {r['skipped']} already finished, {len(r['failed'])} failed; outputs and "
+          f"metadata.jsonl in {args.output}")
+    if r["failed"]:
+        raise DiffkilnError(f"{len(r['failed'])} jobs failed, e.g. {next(iter(r['failed'].items()))}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffkiln", description="Ahead-of-time compiled deployment of diffusion models.")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
@@ -407,6 +452,41 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, default=50)
     sp.add_argument("--peak-gbps", type=float, help="peak memory bandwidth in GB/s (default: table by GPU name)")
     sp.set_defaults(fn=cmd_bench_kernels)
+
+    sp = sub.add_parser("serve", help="serve an engine directory over HTTP on Ray Serve (pip install 'diffkiln[serve]')")
+    sp.add_argument("engines", help="engine directory (image or video model)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--replicas", type=int, default=1, help="pipeline replicas (on a GPU cluster: one per GPU)")
+    sp.add_argument("--max-batch", type=int, default=4, help="most outputs of same-shape requests in one engine call")
+    sp.add_argument("--batch-wait-ms", type=float, default=10, help="how long a request waits for others to batch with")
+    sp.add_argument("--max-queue", type=int, default=32, help="requests a replica admits at once; beyond: 503 + Retry-After")
+    sp.add_argument("--address", help="an existing Ray cluster (e.g. auto, or HEAD_IP:6379); default: a local Ray")
+    sp.add_argument("--cpus-per-replica", type=float, default=1)
+    sp.add_argument("--gpus-per-replica", type=float, default=0, help="1 on a GPU cluster")
+    sp.add_argument("--backend", default=None, choices=backends, help="engine set backend (default: as generate)")
+    sp.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per replica")
+    sp.set_defaults(fn=cmd_serve)
+
+    sp = sub.add_parser("batch", help="run a JSONL job file or a grid on Ray Data; resumable (pip install 'diffkiln[serve]')")
+    sp.add_argument("engines", help="engine directory")
+    sp.add_argument("jobs", nargs="?", help="JSONL, one job per line: the /v1/images or /v1/videos fields, plus "
+                    "lora, lora_spatial_scale, lora_temporal_scale, id")
+    sp.add_argument("-o", "--output", required=True, help="output directory (outputs + metadata.jsonl)")
+    sp.add_argument("--grid", action="store_true", help="the product of --prompts x --seeds x --lora-scales x --guidance")
+    sp.add_argument("--prompts", help="--grid: a file with one prompt per line")
+    sp.add_argument("--seeds", default="0", help="--grid: seeds, e.g. 0-7 or 1,5,9")
+    sp.add_argument("--lora", help="--grid: a LoRA safetensors file (video models)")
+    sp.add_argument("--lora-scales", help="--grid: LoRA scales (spatial and temporal), e.g. 0.5,1.0")
+    sp.add_argument("--guidance", help="--grid: guidance scales, e.g. 4.5,7")
+    sp.add_argument("--address", help="an existing Ray cluster; default: a local Ray")
+    sp.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    sp.add_argument("--workers", type=int, default=1, help="pipeline workers (on a GPU cluster: one per GPU)")
+    sp.add_argument("--cpus-per-worker", type=float, default=1)
+    sp.add_argument("--gpus-per-worker", type=float, default=0)
+    sp.add_argument("--backend", default=None, choices=backends, help="engine set backend (default: as generate)")
+    sp.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per worker")
+    sp.set_defaults(fn=cmd_batch)
 
     sp = sub.add_parser("inspect", help="summarise an engine directory's manifest")
     sp.add_argument("engines")
