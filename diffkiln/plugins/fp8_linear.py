@@ -23,6 +23,7 @@ from diffkiln.plugins.nvfp4_linear import (
     _fp32_apply,
     check_device,
     jit_kernel,
+    launch_linear,
     replace_module,
     select_linears,
 )
@@ -63,28 +64,12 @@ def check_args(x, w_bits, w_scale, x_scale, bias) -> None:
         raise ValueError(f"bias must be [{n}] in x's dtype {x.dtype}; got {bias.dtype} {tuple(bias.shape)}")
 
 
-def block_sizes(m: int) -> tuple[int, int, int]:
-    import triton
-
-    return min(64, max(16, triton.next_power_of_2(m))), 64, 64
-
-
 def fp8_linear_triton(x, w_bits, w_scale, x_scale, bias=None):
-    """Host wrapper: checks, grid, launch. x [..., K] -> [..., N] in x's dtype."""
-    import triton
-
+    """Host wrapper: checks, then one launch. x [..., K] -> [..., N] in x's dtype."""
     check_args(x, w_bits, w_scale, x_scale, bias)
     check_device(x, w_bits, w_scale, x_scale, *(() if bias is None else (bias,)))
-    k, n = x.shape[-1], w_bits.shape[0]
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m and n:
-        bm, bn, bk = block_sizes(m)
-        kernels()[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            x2, w_bits.contiguous(), w_scale.reshape(1), x_scale.reshape(1), y if bias is None else bias.contiguous(),
-            y, m, n, k, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-    return y.reshape(*x.shape[:-1], n)
+    return launch_linear(kernels(), x, w_bits.shape[0], (w_bits.contiguous(), w_scale.reshape(1), x_scale.reshape(1)),
+                         bias)
 
 
 # -- torch custom op --------------------------------------------------------------------------------------

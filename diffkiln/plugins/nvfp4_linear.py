@@ -109,22 +109,28 @@ def dot_dtype(dtype):
     return tl.float16 if dtype == torch.float16 else tl.bfloat16
 
 
-def nvfp4_linear_triton(x, packed, scales, global_scale, bias=None):
-    """Host wrapper: checks, grid, launch. x [..., K] -> [..., N] in x's dtype."""
+def launch_linear(kernel, x, n: int, weights: tuple, bias, **constexprs):
+    """Run a linear kernel (x [..., K] x weights -> [..., N] in x's dtype): grid over M x N blocks, one launch."""
     import triton
 
-    check_args(x, packed, scales, global_scale, bias)
-    check_device(x, packed, scales, global_scale, *(() if bias is None else (bias,)))
-    k, n = x.shape[-1], packed.shape[0]
+    k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
         bm, bn, bk = block_sizes(m)
-        kernels()[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            x2, packed.contiguous(), scales.contiguous(), global_scale.reshape(1), y if bias is None else bias.contiguous(),
-            y, m, n, k, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            x2, *weights, y if bias is None else bias.contiguous(), y, m, n, k, HAS_BIAS=bias is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **constexprs)
     return y.reshape(*x.shape[:-1], n)
+
+
+def nvfp4_linear_triton(x, packed, scales, global_scale, bias=None):
+    """Host wrapper: checks, then one launch. x [..., K] -> [..., N] in x's dtype."""
+    check_args(x, packed, scales, global_scale, bias)
+    check_device(x, packed, scales, global_scale, *(() if bias is None else (bias,)))
+    return launch_linear(kernels(), x, packed.shape[0], (packed.contiguous(), scales.contiguous(),
+                         global_scale.reshape(1)), bias, DOT_DTYPE=dot_dtype(x.dtype))
 
 
 # -- torch custom op --------------------------------------------------------------------------------------
