@@ -237,3 +237,27 @@ def test_text_to_video_ms(builds, sched):
         warnings.simplefilter("ignore", FutureWarning)
         ref = pipe(PROMPT, latents=torch.from_numpy(latents), output_type="np", **kw).frames
     check(f"text-to-video-ms/{sched} {frames}x{height}x{width}", got, ref)
+
+
+@pytest.mark.parametrize("swap", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_scheduler_swapped_at_run_time(builds, swap):
+    """`generate --scheduler NAME` / load_pipeline(scheduler=): the DDIM folder's engines run another scheduler, built
+    as diffusers' `NAME.from_config(folder config)` is, and reproduce diffusers' pipeline with that scheduler."""
+    import warnings
+
+    import diffusers
+
+    from diffkiln.runtime import load_pipeline
+
+    folder, out, _ = builds.engines("text-to-video-ms", "ddim")
+    frames, height, width = 6, 24, 40
+    latents = seeded(7, (1, 4, frames, height // 4, width // 4))
+    kw = dict(negative_prompt=NEGATIVE, num_frames=frames, height=height, width=width, num_inference_steps=4,
+              guidance_scale=9.0)
+    got = load_pipeline(out, scheduler=swap)(PROMPT, latents=latents, **kw).frames
+    pipe = folders.load_diffusers(folder)
+    pipe.scheduler = getattr(diffusers, swap).from_config(pipe.scheduler.config)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ref = pipe(PROMPT, latents=torch.from_numpy(latents), output_type="np", **kw).frames
+    check(f"text-to-video-ms ddim -> {swap}", got, ref)
