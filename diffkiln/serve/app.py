@@ -113,7 +113,7 @@ def application(root: str, replicas: int = 1, max_batch: int = 4, batch_wait_ms:
     if not 0 <= batch_wait_ms <= 60_000:
         raise DiffkilnError(f"--batch-wait-ms={batch_wait_ms}; expected a number in [0, 60000]")
     return EngineServer.options(
-        num_replicas=replicas, max_ongoing_requests=max_queue + max_batch, max_queued_requests=max_queue,
+        num_replicas=replicas, max_ongoing_requests=max_queue + max_batch, max_queued_requests=4 * max_queue,
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
     ).bind(str(root), max_batch, batch_wait_ms, max_queue, backend, engine_options)
 
