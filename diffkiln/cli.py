@@ -244,6 +244,13 @@ def cmd_inspect(args) -> None:
     _print_summary(args.engines)
 
 
+def cmd_convert(args) -> None:
+    from diffkiln.models.convert_videocrafter2 import convert
+
+    out = convert(args.src, args.out, base=args.base, overwrite=args.overwrite)
+    print(f"wrote {out} (a {args.family} diffusers folder; build it: diffkiln build {out} ENGINES/)")
+
+
 def cmd_demo(args) -> None:
     from diffkiln.benchmarks.demo import run_demo
 
@@ -491,6 +498,15 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("inspect", help="summarise an engine directory's manifest")
     sp.add_argument("engines")
     sp.set_defaults(fn=cmd_inspect)
+
+    sp = sub.add_parser("convert", help="convert an original checkpoint (safetensors) into a diffusers folder")
+    sp.add_argument("family", choices=["videocrafter2"])
+    sp.add_argument("src", help="SRC.safetensors: the original state dict (pickles are refused)")
+    sp.add_argument("out", help="the diffusers folder to write")
+    sp.add_argument("--base", default=None, help="required: a text-to-video-ms (ModelScope) or videocrafter2 diffusers folder: "
+                    "tokenizer, scheduler, and the VAE / text encoder SRC does not hold")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(fn=cmd_convert)
 
     sp = sub.add_parser("demo", help="build tiny-sana into ONNX Runtime engines, generate demo.png, compare with eager")
     sp.add_argument("--out", default="diffkiln-demo", help="where the demo's engine directory goes")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from diffkiln.errors import DiffkilnError
 
 SCHEMA = 2  # 2: typed settings with family, denoiser role, pad token id (2026-11-30)
-FAMILIES = ("sana", "sana-sprint", "sana-video", "cogvideox", "text-to-video-ms")
+FAMILIES = ("sana", "sana-sprint", "sana-video", "cogvideox", "text-to-video-ms", "videocrafter2")
 
 
 def _int(where: str, key: str, v, lo: int = 1) -> int:

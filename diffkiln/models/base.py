@@ -82,12 +82,14 @@ def size_defaults(native: int, stride: int) -> dict:
                 max_pixels=native * 2)
 
 
-def family_defaults(family_pipeline: str, **known) -> dict:
+def family_defaults(family_pipeline, **known) -> dict:
     """Generation defaults a diffusers folder does not record: those of its pipeline's `__call__` (steps,
-    guidance, frames, text length), overridden by `known` (sizes and frames read from the folder's configs)."""
+    guidance, frames, text length), overridden by `known` (sizes and frames read from the folder's configs).
+    `family_pipeline`: a diffusers pipeline class name, or the class (families diffusers does not have)."""
     import diffusers
 
-    params = inspect.signature(getattr(diffusers, family_pipeline).__call__).parameters
+    cls = getattr(diffusers, family_pipeline) if isinstance(family_pipeline, str) else family_pipeline
+    params = inspect.signature(cls.__call__).parameters
     names = {"steps": "num_inference_steps", "guidance_scale": "guidance_scale", "num_frames": "num_frames",
              "max_sequence_length": "max_sequence_length"}
     out = {k: params[v].default for k, v in names.items()
@@ -249,7 +251,7 @@ class FamilyModel(ABC):
     @classmethod
     def folder_preset(cls, folder: Path, family: str, configs: dict[str, dict], scheduler: dict):
         """The preset a diffusers folder implies: `folder_sizes`, then its diffusers pipeline's call defaults."""
-        d = family_defaults(cls.pipeline_name(family), **cls.folder_sizes(configs))
+        d = family_defaults(cls.pipeline_class(family), **cls.folder_sizes(configs))
         if issubclass(cls.PRESET_CLASS, VideoPresetBase):
             d.setdefault("max_frames", d["num_frames"])
         if "family" in {f.name for f in dataclasses.fields(cls.PRESET_CLASS)}:
@@ -315,12 +317,18 @@ class FamilyModel(ABC):
         return next(k for k, v in cls.FAMILIES.items() if v == family)
 
     @classmethod
+    def pipeline_class(cls, family: str):
+        """The family's pipeline class: diffusers' by name; a family diffusers lacks overrides this with its own
+        (a diffusers pipeline subclass over the same components)."""
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_name(family))
+
+    @classmethod
     def family_instruction(cls, family: str) -> list[str] | None:
         """The complex human instruction the family's diffusers pipeline prepends to prompts by default
         (Sana's families), or None."""
-        import diffusers
-
-        params = inspect.signature(getattr(diffusers, cls.pipeline_name(family)).__call__).parameters
+        params = inspect.signature(cls.pipeline_class(family).__call__).parameters
         default = params["complex_human_instruction"].default if "complex_human_instruction" in params else None
         return list(default) if default else None
 
@@ -388,7 +396,7 @@ class FamilyModel(ABC):
         """diffusers' pipeline over the same modules and the folder's scheduler (the reference the runtime reproduces)."""
         import diffusers
 
-        cls = getattr(diffusers, self.pipeline_name(self.family))
+        cls = self.pipeline_class(self.family)
         sched = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
         parts = {c.attr: getattr(self, c.attr) for c in self.COMPONENTS}
         return cls(tokenizer=self.hf_tokenizer(), scheduler=sched, **parts)

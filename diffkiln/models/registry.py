@@ -17,6 +17,7 @@ ADAPTERS = (
     "diffkiln.models.sana_video",
     "diffkiln.models.cogvideox",
     "diffkiln.models.t2v_ms",
+    "diffkiln.models.videocrafter2",
 )
 
 

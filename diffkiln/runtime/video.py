@@ -31,6 +31,7 @@ VIDEO_PIPELINES = {
     "text-to-video-ms": "diffkiln.runtime.t2v_ms:TextToVideoMsPipeline",
     "cogvideox": "diffkiln.runtime.cogvideox:CogVideoXPipeline",
     "sana-video": "diffkiln.runtime.sana_video:SanaVideoPipeline",
+    "videocrafter2": "diffkiln.runtime.videocrafter2:VideoCrafter2Pipeline",
 }
 
 
