@@ -446,3 +446,30 @@ def test_non_ddim_scheduler_refused(engines):
     with pytest.raises(DiffkilnError, match=r"VideoCrafter2 samples with DDIMScheduler and its x0 rescaling; "
                                             r"EulerDiscreteScheduler cannot express it"):
         VideoCrafter2Pipeline.from_engines(engines, scheduler="EulerDiscreteScheduler")
+
+
+def test_motion_lora_on_engines(model, pipe, tmp_path):
+    """A temporal (motion) LoRA applied to the UNet engine without re-export, vs eager with the same deltas."""
+    from diffkiln.lora.format import lora_deltas, read_lora
+    from diffkiln.lora.reference import (
+        make_motion_lora,
+        torch_weight_shapes,
+        with_deltas,
+    )
+
+    path = make_motion_lora(model.unet, tmp_path / "motion.safetensors", "temporal", rank=4, alpha=8, seed=1,
+                            extra=(r".*temp_convs\.\d+\.conv1\.2",))
+    sub = model.submodels(["unet"])["unet"]
+    feeds = sub.sample(sub.shapes[0], 3)
+    pipe.set_lora(path, temporal_scale=0.8)
+    try:
+        got = pipe.engines["unet"](feeds)["noise_pred"]
+    finally:
+        pipe.set_lora(None)
+    base = pipe.engines["unet"](feeds)["noise_pred"]
+    unet = with_deltas(model.unet, lora_deltas(read_lora(path), torch_weight_shapes(model.unet), temporal_scale=0.8))
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    with torch.no_grad():
+        ref = unet(t["latents"], t["timestep"], t["encoder_hidden_states"], fps=t["fps"]).sample.numpy()
+    assert np.abs(ref - base).max() > 1e-3  # the LoRA does something
+    assert np.abs(got - ref).max() < 1e-4, np.abs(got - ref).max()
