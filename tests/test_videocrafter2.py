@@ -245,12 +245,12 @@ class OriginalDDIM:
 def test_rescaled_ddim_step_by_step():
     from diffkiln.models.t2v_ms import DDIM
     from diffkiln.runtime.schedulers import scheduler_from_config
-    from diffkiln.runtime.videocrafter2 import rescale_step
+    from diffkiln.runtime.videocrafter2 import rescaled_step
 
     for steps, eta in ((50, 1.0), (8, 0.0), (5, 1.0)):  # steps dividing 1000: see OriginalDDIM
         ours = scheduler_from_config(DDIM)
         ours.set_timesteps(steps)
-        rescale_step(ours, {"start": 1.0, "end": 0.7, "ramp_steps": 400}, eta)
+        ours.eta, rescale = eta, {"start": 1.0, "end": 0.7, "ramp_steps": 400}
         ref = OriginalDDIM(steps, eta)
         assert ours.timesteps.tolist() == ref.timesteps.flip(0).tolist()
         rng = np.random.default_rng(steps)
@@ -258,7 +258,7 @@ def test_rescaled_ddim_step_by_step():
         xr, worst = torch.from_numpy(x.copy()), 0.0
         for i, t in enumerate(ours.timesteps):
             e, n = (rng.standard_normal(x.shape, dtype=np.float32) for _ in range(2))
-            x = ours.step(e, t, x, noise=n) if ours.needs_noise else ours.step(e, t, x)
+            x = rescaled_step(ours, rescale, e, t, x, noise=n if ours.needs_noise else None)
             xr = ref.step(steps - 1 - i, xr, torch.from_numpy(e), torch.from_numpy(n))
             worst = max(worst, float(np.abs(x - xr.numpy()).max() / max(1.0, np.abs(x).max())))
         assert worst < 2e-6, (steps, eta, worst)

@@ -59,6 +59,9 @@ def open_engine_dir(root: str | Path, backend: str | None = None, target: str | 
     # the runtime files are listed, hashed, inside the directory and strictly parsed before any engine is opened
     settings = PipelineSettings.from_dict(read_listed_json(root, manifest, "pipeline.json"), f"{root}/pipeline.json")
     scheduler = read_listed_json(root, manifest, "scheduler.json", infinities=True)  # diffusers writes -Infinity
+    if not isinstance(scheduler, dict):
+        raise DiffkilnError(f"{root}/scheduler.json: expected a JSON object (a diffusers scheduler config), got "
+                            f"{type(scheduler).__name__}")
     tokenizer = path_of(root, "tokenizer.json", manifest)
     entry = select_engines(manifest, backend, target, precision, root=root)
     engines = open_engines(root, manifest, entry, **engine_options)
@@ -157,7 +160,7 @@ class EnginePipeline:
             if cfg:
                 noise = guide(noise, self.guidance_at(guidance, t, steps))
             extra = {"noise": rng.standard_normal(latents.shape, dtype=np.float32)} if scheduler.needs_noise else {}
-            latents = scheduler.step(noise, t, latents, **extra).astype(np.float32)
+            latents = self.step(scheduler, noise, t, latents, **extra).astype(np.float32)
             if callback:
                 callback(i, float(t), latents)
         return self.finish_latents(latents, scheduler)
@@ -174,6 +177,9 @@ class EnginePipeline:
 
     def guidance_at(self, guidance: float, t, steps: int) -> float:
         return guidance
+
+    def step(self, scheduler, model_output, t, latents, **extra) -> np.ndarray:
+        return scheduler.step(model_output, t, latents, **extra)
 
     def predict(self, model_in: np.ndarray, t, cond: dict, timings: dict) -> np.ndarray:
         raise NotImplementedError

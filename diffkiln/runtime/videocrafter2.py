@@ -7,7 +7,7 @@ trained on x_t = sqrt(a_t) * s(t) * x0 + sqrt(1 - a_t) * eps. A step is
     x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t) / s(t)
     prev = sqrt(a_prev) * s(t_prev) * x0 + sqrt(1 - a_prev - sigma^2) * eps + sigma * noise
 which is diffusers' DDIM step plus sqrt(a_prev) * (s(t_prev) / s(t) - 1) * x0_ddim. The loop is the shared one;
-this family's `set_timesteps` hook applies the rescaling and eta to the DDIM port (runtime/schedulers.py).
+this family's `step` hook applies the rescaling (and `set_timesteps` the eta) to the DDIM port (runtime/schedulers.py).
 For a step count that does not divide 1000 VideoCrafter's sampler takes one extra step (range(0, 1000, 1000 // n));
 this runtime takes n, as diffusers does; for VideoCrafter2's 50 (and any divisor of 1000) they are the same.
 """
@@ -28,22 +28,16 @@ def x0_scale(t: int, start: float, end: float, ramp_steps: int) -> float:
     return float(np.linspace(start, end, ramp_steps)[t])
 
 
-def rescale_step(scheduler, rescale: dict, eta: float) -> None:
-    """Give a DDIM scheduler instance VideoCrafter2's step (x0 rescaling, `eta` by default)."""
-    step = scheduler.step
-    scheduler.eta = eta  # DDIMScheduler.needs_noise follows eta: the loop then passes fresh noise
-
-    def rescaled(model_output, timestep, sample, noise=None, eta=None, variance_noise=None):
-        prev = step(model_output, timestep, sample, noise=noise, eta=eta, variance_noise=variance_noise)
-        t, prev_t = scheduler._step_timesteps(timestep)
-        s_t, s_prev = x0_scale(t, **rescale), x0_scale(max(prev_t, 0), **rescale)
-        x0 = scheduler.pred_original_sample
-        a_prev = scheduler._alpha_prod(prev_t)
-        prev = prev + np.sqrt(a_prev) * np.float32(s_prev / s_t - 1.0) * x0
-        scheduler.pred_original_sample = (x0 / np.float32(s_t)).astype(np.float32)
-        return prev.astype(np.float32)
-
-    scheduler.step = rescaled
+def rescaled_step(scheduler, rescale: dict, model_output, timestep, sample, noise=None) -> np.ndarray:
+    """A DDIM step of `scheduler` with VideoCrafter2's x0 rescaling."""
+    prev = scheduler.step(model_output, timestep, sample, noise=noise)
+    t, prev_t = scheduler._step_timesteps(timestep)
+    s_t, s_prev = x0_scale(t, **rescale), x0_scale(max(prev_t, 0), **rescale)
+    x0 = scheduler.pred_original_sample
+    a_prev = scheduler._alpha_prod(prev_t)
+    prev = prev + np.sqrt(a_prev) * np.float32(s_prev / s_t - 1.0) * x0
+    scheduler.pred_original_sample = (x0 / np.float32(s_t)).astype(np.float32)
+    return prev.astype(np.float32)
 
 
 class VideoCrafter2Pipeline(TextToVideoMsPipeline):
@@ -63,7 +57,10 @@ class VideoCrafter2Pipeline(TextToVideoMsPipeline):
 
     def set_timesteps(self, scheduler, steps: int) -> None:
         scheduler.set_timesteps(steps)
-        rescale_step(scheduler, self.rescale, self.eta)
+        scheduler.eta = self.eta  # DDIMScheduler.needs_noise follows eta: the loop then passes fresh noise
+
+    def step(self, scheduler, model_output, t, latents, **extra) -> np.ndarray:
+        return rescaled_step(scheduler, self.rescale, model_output, t, latents, **extra)
 
     def predict(self, model_in, t, cond, timings):
         b = model_in.shape[0]
