@@ -245,7 +245,10 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from diffkiln.models.convert_videocrafter2 import convert
+    if args.family == "open-sora-v2":
+        from diffkiln.models.convert_open_sora import convert
+    else:
+        from diffkiln.models.convert_videocrafter2 import convert
 
     out = convert(args.src, args.out, base=args.base, overwrite=args.overwrite)
     print(f"wrote {out} (a {args.family} diffusers folder; build it: diffkiln build {out} ENGINES/)")
@@ -500,11 +503,13 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_inspect)
 
     sp = sub.add_parser("convert", help="convert an original checkpoint (safetensors) into a diffusers folder")
-    sp.add_argument("family", choices=["videocrafter2"])
+    sp.add_argument("family", choices=["videocrafter2", "open-sora-v2"])
     sp.add_argument("src", help="SRC.safetensors: the original state dict (pickles are refused)")
     sp.add_argument("out", help="the diffusers folder to write")
-    sp.add_argument("--base", default=None, help="required: a text-to-video-ms (ModelScope) or videocrafter2 diffusers folder: "
-                    "tokenizer, scheduler, and the VAE / text encoder SRC does not hold")
+    sp.add_argument("--base", default=None, help="videocrafter2 (required): a text-to-video-ms (ModelScope) or videocrafter2 "
+                    "diffusers folder: tokenizer, scheduler, and the VAE / text encoder SRC does not hold; open-sora-v2 "
+                    "(optional): an open-sora-v2 folder or preset giving the rest of a pipeline folder (without it: "
+                    "OUT/transformer only)")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(fn=cmd_convert)
 
