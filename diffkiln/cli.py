@@ -207,14 +207,14 @@ def cmd_sensitivity(args) -> None:
 
 
 def cmd_quality(args) -> None:
-    from diffkiln.benchmarks.quality import accuracy_line, compare_engine_sets
+    from diffkiln.benchmarks.quality import accuracy_line, compare_engine_sets, db
     from diffkiln.calibration.prompts import read_prompts, split
 
     held_out = split(read_prompts(args.prompts))[1][: args.num_prompts]
     r = compare_engine_sets(args.engines, args.precision, args.reference, held_out, args.output, steps=args.steps,
                             seed=args.seed, backend=args.backend)
-    print(f"{args.precision} vs {args.reference} on {r['prompts']} held-out prompts: mean PSNR {r['mean_psnr_db']:.1f} dB, "
-          f"min {r['min_psnr_db']:.1f} dB, max abs {r['max_abs']:.3g}{accuracy_line(r['prompt_accuracy'])}; wrote {args.output}/quality.json, quality.png")
+    print(f"{args.precision} vs {args.reference} on {r['prompts']} held-out prompts: mean PSNR {db(r['mean_psnr_db'], '.1f')} dB, "
+          f"min {db(r['min_psnr_db'], '.1f')} dB, max abs {r['max_abs']:.3g}{accuracy_line(r['prompt_accuracy'])}; wrote {args.output}/quality.json, quality.png")
 
 
 def cmd_bench(args) -> None:
@@ -533,6 +533,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffkiln: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system refused (permissions, disk full, a path that vanished): one line
+        if args.debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"diffkiln: error: {' '.join((e.strerror or str(e)).split())}{where}", file=sys.stderr)
+        return 2
     except Exception as e:  # a bug: a short message, the traceback with --debug
         if args.debug:
             raise

@@ -217,7 +217,10 @@ def dir_lock(final: Path) -> Iterator[Path]:
     A second writer of the same directory fails at once, naming it."""
     lock = final.parent / f".{final.name}.lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666 & ~_umask())
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666 & ~_umask())
+        except OSError as e:
+            raise FileRefused(f"Output {final}: cannot create files in {final.parent} ({e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

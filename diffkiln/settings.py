@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 from diffkiln.errors import DiffkilnError
 
 SCHEMA = 2  # 2: typed settings with family, denoiser role, pad token id (2026-11-30)
-FAMILIES = ("sana", "sana-sprint", "sana-video", "cogvideox", "text-to-video-ms", "videocrafter2")
+FAMILIES = ("sana", "sana-sprint", "sana-video", "cogvideox", "text-to-video-ms", "videocrafter2",
+            "open-sora-v2")
 
 
 def _int(where: str, key: str, v, lo: int = 1) -> int:
@@ -27,6 +28,29 @@ def _num(where: str, key: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise DiffkilnError(f"{where}: {key}={v!r}; expected a finite number")
     return v
+
+
+def _check_family_keys(where: str, d: dict) -> None:
+    """The family keys the runtime divides by or sizes arrays with (absent or null: the family does not use them)."""
+    for k in ("latent_channels", "vae_scale_factor", "decode_chunk"):
+        if d.get(k) is not None:
+            _int(where, k, d[k])
+    for k in ("vae_scaling_factor", "timestep_scale"):
+        if d.get(k) is not None and (_num(where, k, d[k]) <= 0):
+            raise DiffkilnError(f"{where}: {k}={d[k]!r}; expected a finite number > 0")
+    bins = d.get("resolution_bins")
+    if bins is not None:
+        if not isinstance(bins, dict) or not bins:
+            raise DiffkilnError(f"{where}: resolution_bins must be a non-empty object of aspect ratio -> [height, width]")
+        for ratio, hw in bins.items():
+            try:
+                ok = math.isfinite(float(ratio)) and float(ratio) > 0
+            except ValueError:
+                ok = False
+            if not ok or not isinstance(hw, list) or len(hw) != 2 or any(
+                    isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in hw):
+                raise DiffkilnError(f"{where}: resolution_bins[{ratio!r}]={hw!r}; expected a ratio > 0 mapping to "
+                                    "[height, width] positive integers")
 
 
 @dataclass(frozen=True)
@@ -76,6 +100,7 @@ class PipelineSettings:
                 _int(where, f"defaults.{k}", defaults[k])
         if "guidance_scale" in defaults:
             _num(where, "defaults.guidance_scale", defaults["guidance_scale"])
+        _check_family_keys(where, d)
         return cls(**{k: d[k] for k in names}, extra={k: v for k, v in d.items() if k not in names})
 
     def to_dict(self) -> dict:

@@ -13,10 +13,12 @@ def run_demo(out: Path, prompt: str, seed: int = 0, repeats: int = 3, image: Pat
     from diffkiln.benchmarks.eager import eager_pipeline
     from diffkiln.benchmarks.stages import markdown_table, stage_rows, time_stages
     from diffkiln.engines.build import export_pipeline
+    from diffkiln.errors import check_int
     from diffkiln.models.sana import load_model
     from diffkiln.runtime.image import save_png
     from diffkiln.runtime.pipeline import Pipeline
 
+    check_int("repeats", repeats, 1, 10_000)
     log("building tiny-sana (seeded random weights)")
     model = load_model("tiny-sana")
     engines_dir = out / "engines"

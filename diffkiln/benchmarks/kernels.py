@@ -272,6 +272,11 @@ def plot(results: dict, path: Path) -> Path | None:
 def run_kernel_bench(out: str | Path, device: str = "cuda", small: bool = False, warmup: int = 10, repeats: int = 50,
                      peak_gbps: float | None = None) -> dict:
     """Run both benchmarks; write results.json, results.md and speedup.png under `out`; returns the results."""
+    from diffkiln.errors import check_int, check_real
+
+    check_int("warmup", warmup, 0, 100_000)
+    check_int("repeats", repeats, 1, 100_000)
+    check_real("peak_gbps", peak_gbps, 0, lo_open=True, allow_none=True)
     import torch
 
     from diffkiln.benchmarks.machine import describe_machine

@@ -45,9 +45,17 @@ def ssim(ref: np.ndarray, out: np.ndarray, window: int = 7) -> float:
 
 def compare_engine_sets(root: str | Path, candidate: str, reference: str, prompts: list[str], out: str | Path,
                         steps: int | None = None, seed: int = 0, backend: str = "onnxruntime") -> dict:
+    from diffkiln.errors import DiffkilnError
     from diffkiln.runtime import load_pipeline
     from diffkiln.runtime.image import grid, save_png, to_pil
 
+    if not prompts:
+        raise DiffkilnError("quality needs at least one held-out prompt (--num-prompts >= 1)")
+    if candidate == reference:
+        raise DiffkilnError(f"--precision {candidate} and --reference {reference} name the same engine set; "
+                            "compare two different precisions")
+    if (Path(out) / "manifest.json").exists():
+        raise DiffkilnError(f"quality output {out} is an engine directory; write the report elsewhere")
     ref_pipe = load_pipeline(root, backend=backend, precision=reference)
     cand_pipe = load_pipeline(root, backend=backend, precision=candidate, verify=False)
     rows, refs, cands = [], [], []
@@ -102,10 +110,15 @@ def prompt_accuracy(prompts: list[str], refs: list, cands: list) -> dict | None:
             "agree": float(np.mean([x == y for x, y in zip(a, b)]))}
 
 
+def db(v, fmt: str = ".2f") -> str:
+    """A PSNR for reports: None means identical outputs (infinite PSNR)."""
+    return "inf (identical)" if v is None else format(v, fmt)
+
+
 def markdown(report: dict) -> str:
     lines = [f"# {report['candidate']} vs {report['reference']} ({report['backend']}), {report['prompts']} held-out prompts"
              + (", videos compared frame by frame" if report.get("kind") == "video" else ""),
-             "", f"mean PSNR {report['mean_psnr_db']:.2f} dB (min {report['min_psnr_db']:.2f}), mean SSIM "
+             "", f"mean PSNR {db(report['mean_psnr_db'])} dB (min {db(report['min_psnr_db'])}), mean SSIM "
              f"{report['mean_ssim']:.4f} (min {report['min_ssim']:.4f}), max abs {report['max_abs']:.3g}"
              + accuracy_line(report.get("prompt_accuracy")), "",
              "| prompt | seed | PSNR dB | SSIM | max abs |", "|---|---:|---:|---:|---:|"]

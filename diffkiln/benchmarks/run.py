@@ -113,7 +113,9 @@ def run_suite(suite: Suite, out: str | Path, repeats: int | None = None) -> dict
     from diffkiln.benchmarks.report import write_report
 
     if repeats is not None:
-        suite = dataclasses.replace(suite, repeats=repeats)
+        from diffkiln.errors import check_int
+
+        suite = dataclasses.replace(suite, repeats=check_int("repeats", repeats, 1, 10_000))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     machine = describe_machine()

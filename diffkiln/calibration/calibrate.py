@@ -15,7 +15,7 @@ from pathlib import Path
 
 from diffkiln.calibration.prompts import prompts_hash
 from diffkiln.calibration.stats import METHODS, Collector, quantizable_layers
-from diffkiln.errors import DiffkilnError
+from diffkiln.errors import DiffkilnError, check_int, check_real
 from diffkiln.fileio import atomic_dir, atomic_write_json, sha256_file
 from diffkiln.progress import log, progress
 
@@ -53,6 +53,9 @@ class CalibrationConfig:
             raise DiffkilnError(f"percentile {self.percentile}; expected (50, 100]")
         if self.num_prompts < 1 or self.batch < 1:
             raise DiffkilnError(f"num_prompts={self.num_prompts}, batch={self.batch}; both must be >= 1")
+        check_int("calibration steps", self.steps, 1, 1000, allow_none=True)  # 0 is an error, not "the default"
+        check_real("calibration guidance", self.guidance, allow_none=True)
+        check_int("calibration seed", self.seed, 0, 2**63 - 1)
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
 
 

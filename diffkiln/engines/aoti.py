@@ -203,6 +203,14 @@ class AotiBackend(Backend):
     engine_options = ("return_torch",)
     config_options = ("device", "precision", "max_autotune", "fused_linear_attention")
 
+    def check(self, config) -> None:
+        if config.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise DiffkilnError("--device cuda: torch.cuda sees no GPU here (or this torch has no CUDA); "
+                                    "build with --device cpu or on a machine with a GPU")
+
     def open(self, root, manifest, entry, **options):
         return {name: AotiEngine(path_of(root, files[0], manifest), manifest.submodels[name], entry.options["torch"], **options)
                 for name, files in entry.files.items()}

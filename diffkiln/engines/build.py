@@ -44,9 +44,19 @@ def build_config(backend: str = "onnxruntime", dtype: str | None = None, tensorr
     return config
 
 
+# Upper bounds no engine set comes near (Sana 4K is 4096 px a side): beyond them a value is a typo, and the
+# engines' declared ranges (and TensorRT profiles) would promise shapes no machine can run.
+RANGE_LIMITS = {"min_size": 16384, "max_size": 16384, "max_batch": 256, "min_frames": 4096, "max_frames": 4096}
+
+
 def check_ranges(ranges: dict | None) -> dict:
     """The user's shape ranges, only the keys given (the model checks them against its stride and frame rule)."""
-    return {k: v for k, v in (ranges or {}).items() if v is not None}
+    ranges = {k: v for k, v in (ranges or {}).items() if v is not None}
+    for k, v in ranges.items():
+        limit = RANGE_LIMITS.get(k)
+        if limit is not None and isinstance(v, int) and not isinstance(v, bool) and v > limit:
+            raise DiffkilnError(f"--{k.replace('_', '-')} {v} is beyond any engine diffkiln builds; expected at most {limit}")
+    return ranges
 
 
 def load_source_model(source, submodels=None, dtype: str = "float32", ranges: dict | None = None,
@@ -137,6 +147,9 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
                             f"{config.precision} -o DIR`, then pass --calibration DIR")
     if plan is not None and not quantized:
         raise DiffkilnError("a sensitivity plan applies to fp8 / nvfp4 builds")
+    if calibration is not None and not quantized:
+        raise DiffkilnError(f"--calibration applies to fp8 / nvfp4 builds; this build's precision is "
+                            f"{getattr(config, 'precision', None) or config.export_dtype}")
     ranges = check_ranges(ranges)
     dtype = config.export_dtype
     base_precision = DTYPE_PRECISION[dtype]

@@ -61,6 +61,13 @@ def check_output_path(path, suffixes=tuple(IMAGE_FORMATS), what: str = "image") 
         raise DiffkilnError(f"output {path}: {parent} is not a directory; name a file inside a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DiffkilnError(f"output {path}: directory {parent} is not writable")
+    try:  # os.access says yes to root everywhere (/proc, read-only mounts): create and remove a probe file
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".diffkiln-probe-"):
+            pass
+    except OSError as e:
+        raise DiffkilnError(f"output {path}: cannot create files in {parent} ({e.strerror})") from None
     hit = _engine_file(path.resolve())
     if hit:
         raise DiffkilnError(f"output {path} would overwrite {hit}; write outputs outside engine directories")

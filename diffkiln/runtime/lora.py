@@ -29,8 +29,8 @@ def set_lora(pipeline, path: str | Path | list | None, spatial_scale: float = 1.
     if not isinstance(engines, dict) or submodel not in engines:
         raise DiffkilnError(f"set_lora: the pipeline has no {submodel!r} engine; engines: {sorted(engines or {})}")
     for name, s in (("spatial_scale", spatial_scale), ("temporal_scale", temporal_scale)):
-        if not isinstance(s, (int, float)) or math.isnan(s):
-            raise DiffkilnError(f"set_lora: {name}={s!r}; expected a number")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise DiffkilnError(f"set_lora: {name}={s!r}; expected a finite number")
     engine = engines[submodel]
     lora = read_lora(path) if path is not None else None
     from diffkiln.engines.registry import backend_names, get_backend

@@ -208,9 +208,18 @@ def train_tiny(out_dir: str | Path, seed: int = 0, minutes: float | None = None,
     # Idle OpenMP threads sleep instead of spinning: with another busy process on a 2-core machine
     # spinning threads make each step ~5x slower (2x when passive). Only effective before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from diffkiln.errors import DiffkilnError, check_int, check_real
+
+    check_int("seed", seed, 0, 2**32 - 1)
+    check_real("minutes", minutes, 0, lo_open=True, allow_none=True)  # 0 is an error, not "no limit"
+    check_int("steps", steps, 1, allow_none=True)
+    out = Path(out_dir)
+    if (out / "manifest.json").exists():
+        raise DiffkilnError(f"training output {out} is an engine directory; name a checkpoint directory of its own")
+    if out.exists() and not out.is_dir():
+        raise DiffkilnError(f"training output {out} exists and is not a directory")
     import torch
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ae_target, flow_target = _split_budget(steps, (AE_STEPS, FLOW_STEPS))
     start = time.perf_counter()
