@@ -124,6 +124,24 @@ def compile_submodel(sub, path: Path, config: AotiBuildConfig) -> dict:
             "bytes": path.stat().st_size, "package": package_metadata(path)}
 
 
+def parity_split(sub, device: str, fused: bool):
+    """(reference module, submodel to compile, fused module count or None), both modules on `device`.
+
+    The parity reference is the unmodified diffusers module; with `fused` the compiled submodel is a deep copy
+    with the fused linear-attention op swapped in. Both run on the package's device: a reference left on the
+    CPU would be fed CUDA tensors (or compared at another precision) after the whole compile."""
+    if not fused:
+        module = sub.module.to(device)
+        return module, dataclasses.replace(sub, module=module), None
+    import copy
+
+    from diffkiln.plugins.linear_attention import use_fused_linear_attention
+
+    reference = sub.module.to(device)
+    compiled = dataclasses.replace(sub, module=copy.deepcopy(reference))
+    return reference, compiled, use_fused_linear_attention(compiled.module)
+
+
 def build_aoti(model, root: Path, config: AotiBuildConfig, names=None) -> EngineEntry:
     """Compile each submodel of `model` into `root/aoti/<device>-<precision>/`, with parity vs eager."""
     import torch
@@ -139,16 +157,9 @@ def build_aoti(model, root: Path, config: AotiBuildConfig, names=None) -> Engine
     folder.mkdir(parents=True, exist_ok=True)
     for name, sub in progress(subs.items(), total=len(subs), desc="aoti compile"):
         path = folder / f"{name}.pt2"
-        if config.fused_linear_attention:
-            import copy
-
-            from diffkiln.plugins.linear_attention import use_fused_linear_attention
-
-            reference_module = sub.module
-            sub = dataclasses.replace(sub, module=copy.deepcopy(sub.module))
-            entry.options.setdefault("fused_modules", {})[name] = use_fused_linear_attention(sub.module)
-        else:
-            reference_module = sub.module
+        reference_module, sub, fused = parity_split(sub, config.device, config.fused_linear_attention)
+        if fused is not None:
+            entry.options.setdefault("fused_modules", {})[name] = fused
         facts = compile_submodel(sub, path, config)
         rel = str(path.relative_to(root))
         engine = AotiEngine(path, sub.spec, torch.__version__)
@@ -176,6 +187,9 @@ class AotiEngine(Engine):
         self.torch, self.path, self.return_torch = torch, Path(path), return_torch
         meta = check_loadable(self.path, built_with_torch)
         self.device = torch.device(meta["AOTI_DEVICE_KEY"])
+        from diffkiln.plugins.ops import register_all
+
+        register_all()  # a package calling diffkiln:: ops opens only where they are registered (a new process too)
         try:
             self.runner = torch._inductor.aoti_load_package(str(self.path))
         except Exception as e:  # torch raises RuntimeError/OSError variants for bad archives

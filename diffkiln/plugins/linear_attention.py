@@ -44,6 +44,16 @@ def kernels():
     return triton.jit(kv_kernel), triton.jit(out_kernel)
 
 
+@functools.lru_cache(maxsize=None)
+def tensor_core_kernels():
+    """(kv kernel, out kernel) for fp16/bf16 CUDA tensors: products on the tensor cores."""
+    import triton
+
+    from diffkiln.plugins.linear_attention_kernels import kv_kernel_tc, out_kernel_tc
+
+    return triton.jit(kv_kernel_tc), triton.jit(out_kernel_tc)
+
+
 def check_device(*tensors) -> None:
     """Triton runs CUDA tensors, or CPU tensors only when its interpreter was on before triton was imported."""
     from triton import knobs
@@ -79,7 +89,9 @@ def linear_attention_triton(q, k, v, eps: float = SANA_EPS):
     kv = torch.empty((b * h, block_d, block_d), dtype=torch.float32, device=q.device)
     ksum = torch.empty((b * h, block_d), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    kv_kernel, out_kernel = kernels()
+    # fp16/bf16 on a GPU: the tensor-core kernels (see linear_attention_kernels); fp32 and Triton's CPU
+    # interpreter (whose half-precision dots are wrong): the fp32 kernels
+    kv_kernel, out_kernel = tensor_core_kernels() if q.dtype != torch.float32 and q.is_cuda else kernels()
     kv_kernel[(b * h,)](k, v, kv, ksum, d, n, BLOCK_D=block_d, BLOCK_N=block_n)
     out_kernel[(b * h, triton_cdiv(n, block_n))](q, kv, ksum, out, d, n, eps, BLOCK_D=block_d, BLOCK_N=block_n)
     return out
@@ -101,12 +113,18 @@ def register_op():
 
 # -- processors: swap the op into diffusers' Sana modules ------------------------------------------------
 class FusedSanaLinearAttnProcessor:
-    """diffusers' SanaLinearAttnProcessor2_0 with the q/k/v contraction done by the fused op."""
+    """diffusers' SanaLinearAttnProcessor2_0 with the q/k/v contraction done by the fused op.
+
+    The op is registered when the processor is made, never inside `__call__`: a registration call (an
+    `lru_cache` wrapper) inside forward would break torch.compile's graph at every attention layer."""
+
+    def __init__(self):
+        self.op = register_op()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
         import torch
 
-        op = register_op()
+        op = self.op
         dtype = hidden_states.dtype
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
@@ -138,11 +156,12 @@ def use_fused_linear_attention(module) -> int:
             m.set_processor(FusedSanaLinearAttnProcessor())
             count += 1
         elif isinstance(m, SanaMultiscaleLinearAttention):
-            m.apply_linear_attention = functools.partial(_multiscale_linear_attention, m)
+            m.apply_linear_attention = functools.partial(_multiscale_linear_attention, register_op(), m)
             count += 1
     return count
 
 
-def _multiscale_linear_attention(attn, query, key, value):
-    """DC-AE's apply_linear_attention (q, k already ReLU'd, fp32, [B, H, D, N]) through the fused op."""
-    return register_op()(query, key, value, attn.eps)
+def _multiscale_linear_attention(op, attn, query, key, value):
+    """DC-AE's apply_linear_attention (q, k already ReLU'd, fp32, [B, H, D, N]) through the fused op `op`
+    (registered when the module was swapped, not per call)."""
+    return op(query, key, value, attn.eps)
