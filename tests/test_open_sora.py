@@ -272,3 +272,134 @@ def test_convert_command(converted_pair, tmp_path):
     save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp_path / "g.safetensors"))
     with pytest.raises(DiffkilnError, match="guidance_in"):
         convert(tmp_path / "g.safetensors", tmp_path / "o3")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the family: presets, engines, the numpy runtime vs an eager reference loop
+
+
+def test_presets_parameter_counts():
+    """open-sora-v2 is the real architecture (counted on the meta device: no weights built): 11.9 B in the MMDiT."""
+    from diffkiln.models.open_sora import ADAPTER
+
+    rows = {r["name"]: r["params"] for r in ADAPTER.preset_rows()}
+    real = rows["open-sora-v2"]
+    assert 11.85e9 < real["transformer"] < 11.95e9, real
+    assert 4.7e9 < real["text_encoder"] < 4.8e9 and 1.2e8 < real["text_encoder_2"] < 1.3e8
+    assert sum(rows["tiny-open-sora-v2"].values()) < 1e6
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from diffkiln.models.registry import load_model
+
+    return load_model("tiny-open-sora-v2")
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    from diffkiln.engines.build import build
+
+    out = tmp_path_factory.mktemp("osv2-engines") / "tiny"
+    build("tiny-open-sora-v2", out, backend="onnxruntime")
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(engines):
+    from diffkiln.runtime.video import load_video_pipeline
+
+    return load_video_pipeline(engines)
+
+
+def reference_t2v(model, prompt, negative, latents, steps, guidance):
+    """Open-Sora's text-to-video sampling written out in torch over the eager modules: get_schedule's shifted sigmas,
+    I2VDenoiser's guidance with text oscillation (t2v: the condition is zeros, so the condition-free pass equals the
+    negative one), Euler steps on packed tokens, then diffusers' own AutoencoderKLHunyuanVideo.decode with the
+    preset's tiles."""
+    p, s = model.preset, model.preset.sampler
+    tok = model.hf_tokenizer()
+    t5_ids = tok([prompt, negative], padding="max_length", max_length=p.max_sequence_length, truncation=True,
+                 return_tensors="pt").input_ids
+    clip_ids = tok([prompt, negative], padding="max_length", max_length=p.clip_length, truncation=True,
+                   return_tensors="pt").input_ids
+    b, c, t, h, w = latents.shape
+    alpha = (1 + (s["max_shift"] - 1) / (4096 - 256) * ((h * w) // 4 - 256)) * math.sqrt(t)
+    sig = torch.linspace(1, 0, steps + 1)
+    sig = alpha * sig / (1 + (alpha - 1) * sig)
+    pk = lambda x: x.reshape(b, c, t, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, -1, 4 * c)  # noqa: E731
+    ids = image_ids(t, h // 2, w // 2)[0].contiguous()
+    x = pk(torch.from_numpy(latents))
+    with torch.no_grad():
+        txt = model.text_encoder(input_ids=t5_ids).last_hidden_state
+        vec = model.text_encoder_2(input_ids=clip_ids).pooler_output
+        for i in range(steps):
+            inp = torch.cat([torch.cat([x, torch.zeros(b, x.shape[1], 4 * (c + 1))], -1)] * 2)
+            v = model.transformer(inp, encoder_hidden_states=txt, pooled_projections=vec, timestep=sig[i].expand(2),
+                                  img_ids=ids, txt_ids=torch.zeros(txt.shape[1], 3), return_dict=False)[0]
+            g = guidance if i < s["osci_from"] or i % 2 == 0 else 1.0
+            v = v[1:] + g * (v[:1] - v[1:])
+            x = x + (sig[i + 1] - sig[i]) * v
+        z = x.reshape(b, t, h // 2, w // 2, c, 2, 2).permute(0, 4, 1, 2, 5, 3, 6).reshape(b, c, t, h, w)
+        vae = model.vae
+        tiles = dict(p.vae_tiles)
+        vae.use_tiling = tiles.pop("use_tiling")
+        vae.enable_tiling(**tiles) if vae.use_tiling else None
+        video = vae.decode(z / p.vae["scaling_factor"]).sample
+    return z.numpy(), (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).numpy()
+
+
+def test_runtime_matches_eager_reference(tiny, pipe):
+    """17 frames at 32x48 px (5 latent frames: temporal tiles; 48 px wide: spatial tiles), 4 steps with oscillation."""
+    shape = pipe.latent_shape(1, 17, 32, 48)
+    latents = np.random.default_rng(3).standard_normal(shape, dtype=np.float32)
+    z = pipe("a red cat runs", negative_prompt="", num_frames=17, height=32, width=48, num_inference_steps=4,
+             latents=latents, output_type="latent").frames
+    out = pipe("a red cat runs", negative_prompt="", num_frames=17, height=32, width=48, num_inference_steps=4,
+               latents=latents).frames
+    ref_z, ref_video = reference_t2v(tiny, "a red cat runs", "", latents, 4, 7.5)
+    assert out.shape == (1, 17, 32, 48, 3)
+    err_z, err_v = np.abs(z - ref_z).max(), np.abs(out - ref_video).max()
+    assert err_z < 1e-4 and err_v < 1e-4, (err_z, err_v)
+    assert out.std() > 0.01
+
+
+def test_schedule_and_oscillation_match_open_sora():
+    """The shift of sampling.py get_schedule at 256 px 16:9, 129 frames (33 latent frames), and the oscillation."""
+    from diffkiln.runtime.open_sora import oscillated, schedule
+    from diffkiln.models.open_sora import SAMPLER
+
+    s = schedule(50, (1, 16, 33, 32, 58), SAMPLER)
+    seq = 16 * 29
+    alpha = (1 + 2 / 3840 * (seq - 256)) * math.sqrt(33)
+    t = torch.linspace(1, 0, 51)
+    assert np.abs(s - (alpha * t / (1 + (alpha - 1) * t)).numpy()).max() < 1e-6 and s[-1] == 0
+    assert [oscillated(7.5, i, 10) for i in (0, 9, 10, 11, 12, 13)] == [7.5, 7.5, 7.5, 1.0, 7.5, 1.0]
+
+
+def test_mp4_via_cli(engines, tmp_path):
+    from diffkiln.cli import main
+
+    mp4 = tmp_path / "v.mp4"
+    assert main(["generate", "--engines", str(engines), "--prompt", "a dog swims", "--frames", "9", "--steps", "2",
+                 "--seed", "1", "--output", str(mp4)]) == 0
+    assert mp4.is_file() and mp4.stat().st_size > 100
+
+
+@pytest.mark.parametrize("shape,tiling", [((1, 4, 5, 4, 4), False), ((1, 4, 5, 4, 6), True), ((2, 4, 7, 8, 6), True)])
+def test_tiled_decode_is_diffusers_decode(tiny, shape, tiling):
+    """The runtime's tiling (temporal, and spatial with use_tiling) over the exported tile function == diffusers'
+    AutoencoderKLHunyuanVideo.decode with the same tiles (in-place blending included): bounded memory, same pixels."""
+    from diffkiln.runtime.open_sora import tiled_decode
+
+    vae, tiles = tiny.vae, dict(tiny.preset.vae_tiles)
+    tile = tiny.submodels(["vae_decoder"])["vae_decoder"].module
+    z = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    with torch.no_grad():
+        got = tiled_decode(lambda t: tile(torch.from_numpy(np.ascontiguousarray(t))).numpy(), z,
+                           dict(tiles, use_tiling=tiling), 8, 4)
+        kw = {k: v for k, v in tiles.items() if k != "use_tiling"}
+        vae.enable_tiling(**kw)
+        vae.use_tiling = tiling
+        want = vae.decode(torch.from_numpy(z)).sample.numpy()
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-6

@@ -18,6 +18,7 @@ ADAPTERS = (
     "diffkiln.models.cogvideox",
     "diffkiln.models.t2v_ms",
     "diffkiln.models.videocrafter2",
+    "diffkiln.models.open_sora",
 )
 
 

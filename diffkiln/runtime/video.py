@@ -32,6 +32,7 @@ VIDEO_PIPELINES = {
     "cogvideox": "diffkiln.runtime.cogvideox:CogVideoXPipeline",
     "sana-video": "diffkiln.runtime.sana_video:SanaVideoPipeline",
     "videocrafter2": "diffkiln.runtime.videocrafter2:VideoCrafter2Pipeline",
+    "open-sora-v2": "diffkiln.runtime.open_sora:OpenSoraV2Pipeline",
 }
 
 
