@@ -386,7 +386,7 @@ def test_mp4_via_cli(engines, tmp_path):
     assert mp4.is_file() and mp4.stat().st_size > 100
 
 
-@pytest.mark.parametrize("shape,tiling", [((1, 4, 5, 4, 4), False), ((1, 4, 5, 4, 6), True), ((2, 4, 7, 8, 6), True)])
+@pytest.mark.parametrize("shape,tiling", [((1, 4, 5, 4, 4), False), ((2, 4, 3, 4, 6), True)])
 def test_tiled_decode_is_diffusers_decode(tiny, shape, tiling):
     """The runtime's tiling (temporal, and spatial with use_tiling) over the exported tile function == diffusers'
     AutoencoderKLHunyuanVideo.decode with the same tiles (in-place blending included): bounded memory, same pixels."""
