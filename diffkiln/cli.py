@@ -104,7 +104,7 @@ def cmd_generate(args) -> None:
 
         args.output = str(check_output_path(args.output or "out.png"))
     if args.scheduler is not None:
-        from diffkiln.runtime.schedulers import SCHEDULER_NAMES
+        from diffkiln.schedulers import SCHEDULER_NAMES
 
         if args.scheduler not in SCHEDULER_NAMES:
             raise DiffkilnError(f"--scheduler {args.scheduler!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
@@ -175,7 +175,11 @@ def cmd_train_tiny(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from diffkiln.calibration.calibrate import CalibrationConfig, calibrate, calibration_model
+    from diffkiln.calibration.calibrate import (
+        CalibrationConfig,
+        calibrate,
+        calibration_model,
+    )
     from diffkiln.calibration.prompts import read_prompts, split
 
     config = CalibrationConfig(precision=args.precision, method=args.method, percentile=args.percentile,
@@ -384,7 +388,7 @@ def parser() -> argparse.ArgumentParser:
                          "TensorRT for this GPU, AOTInductor for this device, ONNX Runtime)")
     sp.add_argument("--target", help="engine set target (default: onnxruntime 'any'; tensorrt: this GPU's SKU; aoti: cpu|cuda)")
     sp.add_argument("--precision", help="engine set precision, when the directory holds several")
-    sp.add_argument("--scheduler", help="replace the model's scheduler (names: diffkiln.runtime.schedulers.SCHEDULER_NAMES)")
+    sp.add_argument("--scheduler", help="replace the model's scheduler (names: diffkiln.schedulers.SCHEDULER_NAMES)")
     sp.add_argument("--resolution-binning", action="store_true",
                     help="Sana families: generate at the nearest of diffusers' aspect-ratio bins for this model (as "
                          "SanaPipeline does by default), then resize and center-crop to --height x --width")

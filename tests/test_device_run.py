@@ -147,7 +147,12 @@ def test_peak_memory_reads_counters_without_a_thread():
 def test_fp8_scaled_mm_matches_its_fake_quant_reference():
     """FP8 E4M3 GEMMs (torch._scaled_mm, row-wise scales) = the same quantization computed in fp32, and close
     to the unquantized layer (E4M3 keeps 3 mantissa bits)."""
-    from diffkiln.plugins.scaled_fp8 import Fp8Conv1x1, Fp8Linear, fp8_support, use_fp8_linears
+    from diffkiln.plugins.scaled_fp8 import (
+        Fp8Conv1x1,
+        Fp8Linear,
+        fp8_support,
+        use_fp8_linears,
+    )
 
     ok, why = fp8_support("cpu")
     if not ok:

@@ -5,8 +5,7 @@ import numpy as np
 
 def test_save_and_load_folder(tiny, tmp_path):
     from diffkiln.engines.eager import EagerEngine
-    from diffkiln.models.sana import load_model
-    from diffkiln.models.sana import sana_submodels
+    from diffkiln.models.sana import load_model, sana_submodels
 
     folder = tmp_path / "tiny-folder"
     tiny.save_pretrained(folder)
@@ -30,7 +29,11 @@ def test_weights_identity_refuses_artifacts_of_other_weights(tiny, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from diffkiln.calibration.calibrate import CalibrationConfig, calibrate, load_calibration
+    from diffkiln.calibration.calibrate import (
+        CalibrationConfig,
+        calibrate,
+        load_calibration,
+    )
     from diffkiln.errors import DiffkilnError
     from diffkiln.models.sana import load_model
 

@@ -147,7 +147,7 @@ DDIM = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start
     ({"_class_name": "PNDMScheduler"}, r"_class_name='PNDMScheduler' is not supported"),
 ])
 def test_hostile_scheduler_configs(changes, error):
-    from diffkiln.runtime.schedulers import check_scheduler_config, scheduler_from_config
+    from diffkiln.schedulers import check_scheduler_config, scheduler_from_config
 
     for fn in (check_scheduler_config, scheduler_from_config):
         with pytest.raises(DiffkilnError, match=error):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.run import run_script
 import torch
+from helpers.run import run_script
 
 from diffkiln.plugins import formats as fmt
 
@@ -159,7 +159,11 @@ def _tiny():
 
 def test_quantize_linears_swaps_by_pattern_and_shrinks_weights():
     from diffkiln.plugins.fp8_linear import FP8Linear, quantize_linears_fp8
-    from diffkiln.plugins.nvfp4_linear import NVFP4Linear, quantize_linears_nvfp4, weight_bytes
+    from diffkiln.plugins.nvfp4_linear import (
+        NVFP4Linear,
+        quantize_linears_nvfp4,
+        weight_bytes,
+    )
 
     q = _tiny()
     assert quantize_linears_nvfp4(q, exclude="fc2") == ["fc1"]
@@ -186,7 +190,11 @@ def _export_lower_run(model, x, tmp_path, name):
     import onnx
     import onnxruntime as ort
 
-    from diffkiln.plugins.onnx_ops import count_custom_nodes, lower_custom_ops, register_symbolics
+    from diffkiln.plugins.onnx_ops import (
+        count_custom_nodes,
+        lower_custom_ops,
+        register_symbolics,
+    )
 
     register_symbolics(17)
     f = io.BytesIO()

@@ -37,8 +37,8 @@ def calib(tmp_path_factory):
 @pytest.fixture(scope="module")
 def nvfp4_dir(calib, tmp_path_factory):
     """An fp32 transformer export + the onnxruntime/any/nvfp4 engine set."""
-    from diffkiln.export.nvfp4 import add_nvfp4_engine_set
     from diffkiln.engines.build import export_into
+    from diffkiln.export.nvfp4 import add_nvfp4_engine_set
 
     model, cal = calib
     root = tmp_path_factory.mktemp("nvfp4")

@@ -366,8 +366,8 @@ def test_runtime_matches_eager_reference(tiny, pipe):
 
 def test_schedule_and_oscillation_match_open_sora():
     """The shift of sampling.py get_schedule at 256 px 16:9, 129 frames (33 latent frames), and the oscillation."""
-    from diffkiln.runtime.open_sora import oscillated, schedule
     from diffkiln.models.open_sora import SAMPLER
+    from diffkiln.runtime.open_sora import oscillated, schedule
 
     s = schedule(50, (1, 16, 33, 32, 58), SAMPLER)
     seq = 16 * 29

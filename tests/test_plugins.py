@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.run import run_script
 import torch
+from helpers.run import run_script
 
 from diffkiln.plugins import formats as fmt
 
@@ -144,7 +144,11 @@ def test_fused_onnx_custom_nodes_lowered_match_eager(fused, tmp_path):
     from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
     from diffkiln.export.onnx import export_onnx
     from diffkiln.export.parity import check_parity
-    from diffkiln.plugins.onnx_ops import count_custom_nodes, lower_custom_ops, register_symbolics
+    from diffkiln.plugins.onnx_ops import (
+        count_custom_nodes,
+        lower_custom_ops,
+        register_symbolics,
+    )
 
     register_symbolics(17)
     for name, (sub, original, swapped) in fused.items():

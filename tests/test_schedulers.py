@@ -1,4 +1,4 @@
-"""The numpy samplers in diffkiln/runtime/schedulers.py against diffusers 0.42.1, step for step.
+"""The numpy samplers in diffkiln/schedulers.py against diffusers 0.42.1, step for step.
 
 Both sides get the same float32 model outputs (and, for SCM, the same noise) and each follows its own chain of
 samples. Tolerance: both do the same float32 operations in the same order; only the scalar transcendentals differ
@@ -14,16 +14,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import diffusers
+import diffusers.schedulers.scheduling_scm as diffusers_scm
 import numpy as np
 import pytest
 import torch
-import diffusers
-import diffusers.schedulers.scheduling_scm as diffusers_scm
 
 # diffusers' own DPM-Solver init trips numpy 2's __array__ copy-keyword deprecation; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-MODULE = Path(__file__).resolve().parents[1] / "diffkiln" / "runtime" / "schedulers.py"
+MODULE = Path(__file__).resolve().parents[1] / "diffkiln" / "schedulers.py"
 ATOL = 1e-5
 SHAPE = (2, 4, 8, 8)
 

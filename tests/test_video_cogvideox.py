@@ -115,7 +115,7 @@ def test_cogvideox_ddim_matches_diffusers(variant, steps):
     import diffusers
 
     from diffkiln.models.cogvideox import COGVIDEOX_DDIM
-    from diffkiln.runtime.schedulers import scheduler_from_config
+    from diffkiln.schedulers import scheduler_from_config
 
     cfg = {**COGVIDEOX_DDIM, **SCHEDULER_CONFIGS[variant]}
     ours, theirs = scheduler_from_config(cfg), diffusers.CogVideoXDDIMScheduler.from_config(cfg)

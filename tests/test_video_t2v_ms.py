@@ -43,7 +43,7 @@ DDIM_CASES = [
 def test_ddim_matches_diffusers(config, steps):
     import diffusers
 
-    from diffkiln.runtime.schedulers import scheduler_from_config
+    from diffkiln.schedulers import scheduler_from_config
 
     ref, ours = diffusers.DDIMScheduler.from_config(config), scheduler_from_config(config)
     assert np.array_equal(ref.alphas_cumprod.numpy(), ours.alphas_cumprod)
@@ -64,7 +64,7 @@ def test_ddim_matches_diffusers(config, steps):
 def test_ddim_eta_noise_and_refusals():
     import diffusers
 
-    from diffkiln.runtime.schedulers import scheduler_from_config
+    from diffkiln.schedulers import scheduler_from_config
 
     ref, ours = diffusers.DDIMScheduler.from_config(MODELSCOPE_DDIM), scheduler_from_config(MODELSCOPE_DDIM)
     ref.set_timesteps(10)

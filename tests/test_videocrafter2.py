@@ -244,8 +244,8 @@ class OriginalDDIM:
 
 def test_rescaled_ddim_step_by_step():
     from diffkiln.models.t2v_ms import DDIM
-    from diffkiln.runtime.schedulers import scheduler_from_config
     from diffkiln.runtime.videocrafter2 import rescaled_step
+    from diffkiln.schedulers import scheduler_from_config
 
     for steps, eta in ((50, 1.0), (8, 0.0), (5, 1.0)):  # steps dividing 1000: see OriginalDDIM
         ours = scheduler_from_config(DDIM)

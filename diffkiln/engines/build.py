@@ -177,7 +177,6 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
             shutil.copytree(src, tmp, dirs_exist_ok=True)
             if not kind.needs_onnx or quantized:
                 from diffkiln.engines.verify import source_model
-
                 from diffkiln.manifest import read_listed_json
 
                 denoiser = read_listed_json(src, manifest, "pipeline.json")["denoiser"]

@@ -282,7 +282,7 @@ class FamilyModel(ABC):
         """Refuse a scheduler that samples the other kind of model: a flow scheduler for a noise-prediction model
         or the reverse would run and draw garbage."""
         name = config.get("_class_name")
-        from diffkiln.runtime.schedulers import predicts_flow
+        from diffkiln.schedulers import predicts_flow
 
         if predicts_flow(config) != cls.FLOW:
             want = ("FlowMatchEulerDiscreteScheduler, SCMScheduler (SANA-Sprint) or DPMSolverMultistepScheduler with "
@@ -590,7 +590,7 @@ class Adapter:
     def _load_folder(self, folder: Path, submodels, dtype, allow_large: bool = False):
         from tokenizers import Tokenizer
 
-        from diffkiln.runtime.schedulers import check_scheduler_config
+        from diffkiln.schedulers import check_scheduler_config
 
         cls = read_json(folder / "model_index.json").get("_class_name")
         if cls not in self.model_cls.FAMILIES:

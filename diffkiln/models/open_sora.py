@@ -19,10 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from diffkiln.errors import DiffkilnError
-from diffkiln.models.base import Adapter, Component, FamilyModel, Geometry, VideoPresetBase, preset_table
+from diffkiln.models.base import (
+    Adapter,
+    Component,
+    FamilyModel,
+    Geometry,
+    VideoPresetBase,
+    preset_table,
+)
 from diffkiln.models.cogvideox import T5_V11_XXL, TINY_WORDS, build_t5_word_tokenizer
 
 FAMILY = "open-sora-v2"

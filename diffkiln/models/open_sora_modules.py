@@ -24,7 +24,7 @@ def _decoder_functions():
         """HunyuanVideoUpsampleCausal3D: frame 0 upsampled in space only, the others in time too (nearest), as one
         spatial upsampling followed by a frame gather [0, 1, 1, 2, 2, ...]."""
         ft, fh, fw = u.upsample_factor
-        b, c, t = x.shape[0], x.shape[1], x.shape[2]
+        b, t = x.shape[0], x.shape[2]
         y = F.interpolate(x.transpose(1, 2).flatten(0, 1), scale_factor=(fh, fw), mode="nearest")
         y = y.unflatten(0, (b, t)).transpose(1, 2)
         if ft == 2:
@@ -131,7 +131,12 @@ def open_sora_submodels(model, names=None) -> dict:
     import torch
 
     from diffkiln.manifest import SubmodelSpec, TensorSpec
-    from diffkiln.models.submodels import Submodel, cast_like, holding, text_encoder_submodel
+    from diffkiln.models.submodels import (
+        Submodel,
+        cast_like,
+        holding,
+        text_encoder_submodel,
+    )
     from diffkiln.runtime.open_sora import PATCH, image_ids
 
     p, f, out = model.preset, model.vae_scale_factor, {}

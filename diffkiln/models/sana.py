@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.models.base import Geometry, Adapter, Component, FamilyModel
+from diffkiln.models.base import Adapter, Component, FamilyModel, Geometry
 from diffkiln.models.presets import PRESETS, Preset
 from diffkiln.models.tokenizer import build_word_tokenizer
 
@@ -129,8 +129,8 @@ def sana_submodels(model: SanaModel, names=None) -> dict:
 
     from diffkiln.manifest import TensorSpec
     from diffkiln.models.submodels import (
-        SubmodelSpec,
         Submodel,
+        SubmodelSpec,
         _mask,
         cast_like,
         holding,

@@ -18,7 +18,7 @@ import numpy as np
 
 from diffkiln.errors import DiffkilnError
 from diffkiln.manifest import SubmodelSpec, TensorSpec
-from diffkiln.models.base import Geometry, Adapter, VideoPresetBase, preset_table
+from diffkiln.models.base import Adapter, Geometry, VideoPresetBase, preset_table
 from diffkiln.models.sana import GemmaTextModel
 
 FAMILY = "sana-video"

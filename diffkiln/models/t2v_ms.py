@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from diffkiln.models.base import (
-    Geometry,
     Adapter,
     Component,
     FamilyModel,
+    Geometry,
     VideoPresetBase,
     family_defaults,
     preset_table,
@@ -193,7 +193,11 @@ def _wrappers():
 def t2v_submodels(model: T2VMsModel, names=None) -> dict:
     """Submodels for the modules present in `model` (or the subset `names`)."""
     from diffkiln.manifest import SubmodelSpec, TensorSpec
-    from diffkiln.models.submodels import Submodel, image_vae_submodel, text_encoder_submodel
+    from diffkiln.models.submodels import (
+        Submodel,
+        image_vae_submodel,
+        text_encoder_submodel,
+    )
 
     Unet = _wrappers()
     p, f, m = model.preset, model.vae_scale_factor, model.latent_multiple

@@ -14,7 +14,7 @@ def load_pipeline(root: str | Path, backend: str | None = None, target: str | No
 
     `backend=None`: the only engine set in the directory, else the best one this machine can run
     (TensorRT for this GPU, AOTInductor for this device, ONNX Runtime); the choice is logged.
-    `scheduler`: a scheduler name (diffkiln.runtime.schedulers.SCHEDULER_NAMES) replacing the folder's."""
+    `scheduler`: a scheduler name (diffkiln.schedulers.SCHEDULER_NAMES) replacing the folder's."""
     from diffkiln.runtime.pipeline import open_engine_dir
     from diffkiln.runtime.video import VIDEO_PIPELINES, video_pipeline_class
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from diffkiln.errors import DiffkilnError
 from diffkiln.runtime.image import to_pil, to_unit_range
-from diffkiln.runtime.schedulers import scheduler_from_config
 from diffkiln.runtime.text import PromptTokenizer
+from diffkiln.schedulers import scheduler_from_config
 
 
 @dataclass
@@ -118,7 +118,7 @@ class EnginePipeline:
             raise DiffkilnError(f"{type(self).__name__} needs engines for {sorted(missing)}; got {sorted(engines)}")
         self.engines = engines
         if scheduler:
-            from diffkiln.runtime.schedulers import predicts_flow, swap_scheduler
+            from diffkiln.schedulers import predicts_flow, swap_scheduler
 
             scheduler_config = swap_scheduler(scheduler_config, scheduler)
             if predicts_flow(scheduler_config) != self.settings["flow"]:

@@ -7,7 +7,7 @@ trained on x_t = sqrt(a_t) * s(t) * x0 + sqrt(1 - a_t) * eps. A step is
     x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t) / s(t)
     prev = sqrt(a_prev) * s(t_prev) * x0 + sqrt(1 - a_prev - sigma^2) * eps + sigma * noise
 which is diffusers' DDIM step plus sqrt(a_prev) * (s(t_prev) / s(t) - 1) * x0_ddim. The loop is the shared one;
-this family's `step` hook applies the rescaling (and `set_timesteps` the eta) to the DDIM port (runtime/schedulers.py).
+this family's `step` hook applies the rescaling (and `set_timesteps` the eta) to the DDIM port (schedulers.py).
 For a step count that does not divide 1000 VideoCrafter's sampler takes one extra step (range(0, 1000, 1000 // n));
 this runtime takes n, as diffusers does; for VideoCrafter2's 50 (and any divisor of 1000) they are the same.
 """

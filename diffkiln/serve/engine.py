@@ -69,8 +69,8 @@ class Engine:
     """A runtime pipeline plus the request checks and the batched call; `calls` counts denoising calls."""
 
     def __init__(self, pipe):
-        from diffkiln.runtime.schedulers import scheduler_from_config
         from diffkiln.runtime.video import VideoPipeline
+        from diffkiln.schedulers import scheduler_from_config
 
         self.pipe = pipe
         self.video = isinstance(pipe, VideoPipeline)

@@ -14,7 +14,8 @@ ports do not implement raise ``SchedulerConfigError`` (a ``DiffkilnError`` and a
 the value and what is supported (:func:`check_scheduler_config` checks without building). Keys that have no effect
 on the supported path are kept in ``config`` and ignored, as diffusers ignores them too. Per-element math is
 float32 as in diffusers; results are cast back to the model output's dtype.
-This module must import nothing but numpy (and diffkiln.errors): it runs in the embeddable runtime.
+A leaf: it imports nothing but numpy (and diffkiln.errors); the embeddable runtime samples with it and the build step
+checks a folder's scheduler with it.
 """
 from __future__ import annotations
 
