@@ -182,17 +182,17 @@ def test_tensor_core_linear_attention_kernels_compile_to_mma_for_sm90():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from diffkiln.plugins.linear_attention import kernels, tensor_core_kernels
+    from diffkiln.plugins.linear_attention import kernels
 
     sig_kv = {"k_ptr": "*bf16", "v_ptr": "*bf16", "kv_ptr": "*fp32", "ksum_ptr": "*fp32", "D": "i32", "N": "i32",
-              "BLOCK_D": "constexpr", "BLOCK_N": "constexpr"}
+              "BLOCK_D": "constexpr", "BLOCK_N": "constexpr", "TENSOR_CORES": "constexpr"}
     sig_out = {"q_ptr": "*bf16", "kv_ptr": "*fp32", "ksum_ptr": "*fp32", "o_ptr": "*bf16", "D": "i32", "N": "i32",
-               "eps": "fp32", "BLOCK_D": "constexpr", "BLOCK_N": "constexpr"}
+               "eps": "fp32", "BLOCK_D": "constexpr", "BLOCK_N": "constexpr", "TENSOR_CORES": "constexpr"}
 
-    def ptx(fn, sig):
-        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_D": 32, "BLOCK_N": 64})
+    def ptx(fn, sig, tc):
+        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_D": 32, "BLOCK_N": 64, "TENSOR_CORES": tc})
         return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
-    (kv_tc, out_tc), (kv_fp32, _) = tensor_core_kernels(), kernels()
-    assert "mma" in ptx(kv_tc, sig_kv) and "mma" in ptx(out_tc, sig_out)
-    assert "mma" not in ptx(kv_fp32, sig_kv)  # the IEEE fp32 path: FMA only
+    kv_kernel, out_kernel = kernels()
+    assert "mma" in ptx(kv_kernel, sig_kv, True) and "mma" in ptx(out_kernel, sig_out, True)
+    assert "mma" not in ptx(kv_kernel, sig_kv, False)  # the IEEE fp32 path: FMA only

@@ -730,11 +730,9 @@ def plot(results: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     matplotlib.use("Agg")
-    import io
 
     import matplotlib.pyplot as plt
 
-    from diffkiln.fileio import atomic_write_bytes
 
     ok = [r for r in results["cases"] if r.get("status") == "ok" and "e2e" in r]
     if not ok:
@@ -745,12 +743,9 @@ def plot(results: dict, path: Path) -> Path | None:
     b.barh([r["name"] for r in ok], [r["step"]["median_ms"] for r in ok])
     b.set_xlabel("transformer step, ms (median)")
     fig.suptitle(f"{results['config']['preset']} {results['config']['width']}px{' (dry run)' if results['dry_run'] else ''}")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    from diffkiln.benchmarks.report import save_figure
+
+    return save_figure(fig, path, dpi=100)
 
 
 def main(argv=None) -> int:

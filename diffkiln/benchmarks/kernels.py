@@ -244,11 +244,9 @@ def plot(results: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     matplotlib.use("Agg")
-    import io
 
     import matplotlib.pyplot as plt
 
-    from diffkiln.fileio import atomic_write_bytes
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     la = [r for r in results["linear_attention"] if r["impl"] != "eager"]
@@ -261,12 +259,9 @@ def plot(results: dict, path: Path) -> Path | None:
     b.set_xlabel("linear layers: speedup vs bf16 F.linear")
     for ax in (a, b):
         ax.tick_params(axis="y", labelsize=6)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    from diffkiln.benchmarks.report import save_figure
+
+    return save_figure(fig, path)
 
 
 def run_kernel_bench(out: str | Path, device: str = "cuda", small: bool = False, warmup: int = 10, repeats: int = 50,

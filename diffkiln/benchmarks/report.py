@@ -58,11 +58,24 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """A matplotlib figure -> PNG at `path`, written atomically; the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
 def plots(results: dict, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import io
 
     import matplotlib.pyplot as plt
 
@@ -71,12 +84,7 @@ def plots(results: dict, out: Path) -> list[Path]:
     written = []
 
     def save(fig, name):
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        atomic_write_bytes(out / name, buf.getvalue())
-        written.append(out / name)
+        written.append(save_figure(fig, out / name))
 
     stages = [s for s in STAGES if s != "total" and any(s in r["engine"]["stages"] for r in cases)]
     fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4 * (len(stages) + 1), 3.2 + 0.25 * len(cases)))

@@ -244,8 +244,9 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
                for files in sources.values() for f in files}
     jobs = [(sku, name) for sku in config.skus for name in onnx.files]
     workers = _jobs(config, max(onnx_bytes.values()), len(jobs))
+    workers = min(workers, len(onnx.files))
     log(f"{flavor.name} {flavor.version}: {len(jobs)} engines ({', '.join(config.skus)} x {', '.join(onnx.files)}), "
-        f"{config.precision}, {config.mode} shapes, {workers} in parallel")
+        f"{config.precision}, {config.mode} shapes, one SKU at a time, {workers} in parallel")
     options = {"flavor": flavor.name, "version": flavor.version, "capabilities": flavor.describe(),
                "build_config": config.to_dict(), "profiles": profs, "source": onnx.key}
 
@@ -276,8 +277,13 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
                                 tool_versions={flavor.name: flavor.version}) for sku in config.skus}
     # Replace an earlier set of the same SKU/precision: one engine set per key.
     manifest.engines = [e for e in manifest.engines if e.key not in {x.key for x in entries.values()}]
+    # One SKU at a time, its submodels in parallel: TensorRT-RTX 1.7's builder keeps the target list in shared state,
+    # and concurrent builds for different SKUs failed at random ("Target SM 120 is not found in the accelerator list"
+    # while building for sm89, measured 2026-11-30).
+    by_sku = [[job for job in jobs if job[0] == sku] for sku in config.skus]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for sku, name, rel, seconds, hit in progress(pool.map(one, jobs), total=len(jobs), desc="tensorrt build"):
+        done = (result for group in by_sku for result in pool.map(one, group))
+        for sku, name, rel, seconds, hit in progress(done, total=len(jobs), desc="tensorrt build"):
             e = entries[sku]
             e.files[name] = [rel]
             e.build_seconds[name] = round(seconds, 3)

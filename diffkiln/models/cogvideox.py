@@ -28,14 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.models.base import (
-    Adapter,
-    Component,
-    FamilyModel,
-    Geometry,
-    VideoPresetBase,
-    preset_table,
-)
+from diffkiln.models.base import Adapter, Component, FamilyModel, Geometry, VideoPresetBase, preset_table
 
 FAMILY = "cogvideox"
 SUBMODELS = ("text_encoder", "transformer", "vae_decoder")

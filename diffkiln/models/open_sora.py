@@ -20,14 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.models.base import (
-    Adapter,
-    Component,
-    FamilyModel,
-    Geometry,
-    VideoPresetBase,
-    preset_table,
-)
+from diffkiln.models.base import Adapter, Component, FamilyModel, Geometry, VideoPresetBase, preset_table
 from diffkiln.models.cogvideox import T5_V11_XXL, TINY_WORDS, build_t5_word_tokenizer
 
 FAMILY = "open-sora-v2"

@@ -44,16 +44,6 @@ def kernels():
     return triton.jit(kv_kernel), triton.jit(out_kernel)
 
 
-@functools.lru_cache(maxsize=None)
-def tensor_core_kernels():
-    """(kv kernel, out kernel) for fp16/bf16 CUDA tensors: products on the tensor cores."""
-    import triton
-
-    from diffkiln.plugins.linear_attention_kernels import kv_kernel_tc, out_kernel_tc
-
-    return triton.jit(kv_kernel_tc), triton.jit(out_kernel_tc)
-
-
 def check_device(*tensors) -> None:
     """Triton runs CUDA tensors, or CPU tensors only when its interpreter was on before triton was imported."""
     from triton import knobs
@@ -91,9 +81,11 @@ def linear_attention_triton(q, k, v, eps: float = SANA_EPS):
     out = torch.empty_like(q)
     # fp16/bf16 on a GPU: the tensor-core kernels (see linear_attention_kernels); fp32 and Triton's CPU
     # interpreter (whose half-precision dots are wrong): the fp32 kernels
-    kv_kernel, out_kernel = tensor_core_kernels() if q.dtype != torch.float32 and q.is_cuda else kernels()
-    kv_kernel[(b * h,)](k, v, kv, ksum, d, n, BLOCK_D=block_d, BLOCK_N=block_n)
-    out_kernel[(b * h, triton_cdiv(n, block_n))](q, kv, ksum, out, d, n, eps, BLOCK_D=block_d, BLOCK_N=block_n)
+    kv_kernel, out_kernel = kernels()
+    tc = q.dtype != torch.float32 and q.is_cuda
+    kv_kernel[(b * h,)](k, v, kv, ksum, d, n, BLOCK_D=block_d, BLOCK_N=block_n, TENSOR_CORES=tc)
+    out_kernel[(b * h, triton_cdiv(n, block_n))](q, kv, ksum, out, d, n, eps, BLOCK_D=block_d, BLOCK_N=block_n,
+                                                  TENSOR_CORES=tc)
     return out
 
 

@@ -47,11 +47,11 @@ def ptx() -> dict:
     for cc in (80, 89, 90):
         for name, fn, sig in (
             ("kv", kv, {"k_ptr": "*fp16", "v_ptr": "*fp16", "kv_ptr": "*fp32", "ksum_ptr": "*fp32", "D": "i32", "N": "i32",
-                        "BLOCK_D": "constexpr", "BLOCK_N": "constexpr"}),
+                        "BLOCK_D": "constexpr", "BLOCK_N": "constexpr", "TENSOR_CORES": "constexpr"}),
             ("out", o, {"q_ptr": "*bf16", "kv_ptr": "*fp32", "ksum_ptr": "*fp32", "o_ptr": "*bf16", "D": "i32", "N": "i32",
-                        "eps": "fp32", "BLOCK_D": "constexpr", "BLOCK_N": "constexpr"}),
+                        "eps": "fp32", "BLOCK_D": "constexpr", "BLOCK_N": "constexpr", "TENSOR_CORES": "constexpr"}),
         ):
-            src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_D": 32, "BLOCK_N": 64})
+            src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_D": 32, "BLOCK_N": 64, "TENSOR_CORES": True})
             compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32))
             result[f"{name}-sm{cc}"] = {"target": f".target sm_{cc}" in compiled.asm["ptx"], "cubin": len(compiled.asm["cubin"])}
     return result
