@@ -50,13 +50,16 @@ def cmd_build(args) -> None:
     if args.sku and "sku" not in kind.config_options:
         owners = [n for n in backend_names() if "sku" in get_backend(n).config_options]
         raise DiffkilnError(f"--sku applies to --backend {' / '.join(owners)}")
+    if (args.ray or args.address) and "ray" not in kind.config_options:
+        owners = [n for n in backend_names() if "ray" in get_backend(n).config_options]
+        raise DiffkilnError(f"--ray / --address apply to --backend {' / '.join(owners)}")
     config = kind.config({
         "dtype": args.dtype, "precision": args.precision, "calibration": args.calibration,
         "device": args.device, "max_autotune": args.max_autotune, "fused_linear_attention": args.fused_linear_attention,
         "sku": args.sku, "mode": "static" if args.static else "dynamic", "static_height": args.static_height,
         "static_width": args.static_width, "static_batch": args.static_batch, "optimization_level": args.opt_level,
         "workspace_gib": args.workspace_gib, "jobs": args.jobs, "cache_dir": args.cache_dir,
-        "use_cache": not args.no_cache, "refittable": args.refittable,
+        "use_cache": not args.no_cache, "refittable": args.refittable, "ray": args.ray, "address": args.address,
     })
     build(args.model, args.out, config=config, submodels=args.submodels, overwrite=args.overwrite, plan=args.plan,
           ranges=_ranges(args), allow_large=args.allow_large_model)
@@ -365,6 +368,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--jobs", type=int, help="parallel builds (default: one per SKU, as host memory allows)")
     g.add_argument("--cache-dir", help="engine/timing cache (default $DIFFKILN_CACHE_DIR or ~/.cache/diffkiln)")
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the engine cache")
+    g.add_argument("--ray", action="store_true", help="build each engine as a Ray task (needs diffkiln[serve])")
+    g.add_argument("--address", help="with --ray: an existing Ray cluster (e.g. auto, or HEAD_IP:6379); default: a local Ray")
     sp.set_defaults(fn=cmd_build)
 
     sp = sub.add_parser("generate", help="generate images (PNG) or videos (MP4 + frame grid PNG) from an engine directory")

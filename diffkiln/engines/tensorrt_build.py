@@ -55,9 +55,13 @@ class TensorRTBuildConfig:
     calibration: str | None = None  # calibration directory, for fp8
     refittable: bool = False  # REFIT builder flag: weights replaceable after the build (LoRAs via diffkiln.runtime.lora)
     version: int = 1
+    ray: bool = False  # one Ray task per engine (diffkiln.engines.tensorrt_ray); needs the `serve` extra
+    address: str | None = None  # with `ray`: a running Ray cluster's address; None: a local Ray
 
     def __post_init__(self):
         self.skus = parse_skus(self.skus)
+        if self.address is not None and not self.ray:
+            raise DiffkilnError(f"address={self.address!r} applies to Ray builds (ray=True / --ray)")
         if self.mode not in MODES:
             raise DiffkilnError(f"mode={self.mode!r}; expected one of {MODES}")
         if not 0 <= self.optimization_level <= 5:
@@ -73,7 +77,8 @@ class TensorRTBuildConfig:
         return "float16" if self.precision in QUANTIZED else PRECISION_DTYPE[self.precision]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """What the manifest records: where the builds ran (Ray, its address) does not change the engines."""
+        return {k: v for k, v in asdict(self).items() if k not in ("ray", "address")}
 
 
 def check_request(flavor: Flavor, config: TensorRTBuildConfig) -> None:
@@ -95,6 +100,9 @@ def check_request(flavor: Flavor, config: TensorRTBuildConfig) -> None:
                 f"{', '.join(config.skus)}. TensorRT for RTX builds ahead of time without the GPU: "
                 f"pip install 'diffkiln[tensorrt]' and set DIFFKILN_TENSORRT=tensorrt_rtx"
             )
+    if config.ray and not flavor.aot_targets:
+        raise DiffkilnError(f"Ray builds need a TensorRT that builds without the GPU (tensorrt_rtx); {flavor.name} "
+                            "builds only on the GPU it runs on")
     check_precision(config.skus, config.precision, list(flavor.aot_targets) or None)
     if config.precision in ("fp8", "nvfp4") and not config.calibration:
         raise DiffkilnError(f"{config.precision} TensorRT engines need calibration scales: run `diffkiln calibrate "
@@ -246,18 +254,34 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
     workers = _jobs(config, max(onnx_bytes.values()), len(jobs))
     workers = min(workers, len(onnx.files))
     log(f"{flavor.name} {flavor.version}: {len(jobs)} engines ({', '.join(config.skus)} x {', '.join(onnx.files)}), "
-        f"{config.precision}, {config.mode} shapes, one SKU at a time, {workers} in parallel")
+        f"{config.precision}, {config.mode} shapes, "
+        f"{'one Ray task each' if config.ray else f'one SKU at a time, {workers} in parallel'}")
     options = {"flavor": flavor.name, "version": flavor.version, "capabilities": flavor.describe(),
                "build_config": config.to_dict(), "profiles": profs, "source": onnx.key}
 
-    def one(job):
+    def cached_path(job) -> Path:
         sku, name = job
-        spec = manifest.submodels[name]
         key = sha256_json({"onnx": [digests[f] for f in sources[name]], "flavor": flavor.name,
                            "version": flavor.version, "sku": sku, "profile": profs[name],
                            "opt": config.optimization_level, "workspace": config.workspace_gib,
                            **({"refit": True} if config.refittable else {})})[:32]
-        cached = cache_dir / f"{name}-{sku}-{key}.engine"
+        return cache_dir / f"{name}-{sku}-{key}.engine"
+
+    def shapes(name):
+        return {t.name: t.shape for t in manifest.submodels[name].inputs}
+
+    remote = None
+    if config.ray:  # every engine not in the cache is one Ray task, all submitted now; `one` collects them in order
+        from diffkiln.engines.tensorrt_ray import RayBuilds
+
+        remote = RayBuilds(config.address, int(BUILD_MEMORY_BASE + BUILD_MEMORY_PER_ONNX_BYTE * max(onnx_bytes.values())))
+        for job in jobs:
+            if not (config.use_cache and cached_path(job).is_file()):
+                remote.submit(job, flavor.name, root, sources[job[1]], shapes(job[1]), profs[job[1]], job[0], config)
+
+    def one(job):
+        sku, name = job
+        cached = cached_path(job)
         rel = f"{ENGINE_DIR}/{sku}-{config.precision}/{name}.engine"
         dst = root / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -265,9 +289,13 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
         if config.use_cache and cached.is_file():
             shutil.copyfile(cached, dst)
             return sku, name, rel, time.perf_counter() - start, True
-        data = build_engine(flavor, root / sources[name][0], {t.name: t.shape for t in spec.inputs}, profs[name],
-                            sku, config, cache_dir / f"timing-{flavor.name}-{flavor.version}-{sku}.cache"
-                            if config.use_cache else None)
+        if remote is not None:
+            data, seconds = remote.result(job)
+            start = time.perf_counter() - seconds  # the task's own build time, not the wait for it
+        else:
+            data = build_engine(flavor, root / sources[name][0], shapes(name), profs[name],
+                                sku, config, cache_dir / f"timing-{flavor.name}-{flavor.version}-{sku}.cache"
+                                if config.use_cache else None)
         atomic_write_bytes(dst, data)
         if config.use_cache:
             atomic_write_bytes(cached, data)
@@ -280,17 +308,22 @@ def add_tensorrt_engines(root: Path, manifest: Manifest, config: TensorRTBuildCo
     # One SKU at a time, its submodels in parallel: TensorRT-RTX 1.7's builder keeps the target list in shared state,
     # and concurrent builds for different SKUs failed at random ("Target SM 120 is not found in the accelerator list"
     # while building for sm89, measured 2026-11-30).
+    # Ray tasks run in separate processes, which do not share that state: their results are collected in job order.
     by_sku = [[job for job in jobs if job[0] == sku] for sku in config.skus]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        done = (result for group in by_sku for result in pool.map(one, group))
-        for sku, name, rel, seconds, hit in progress(done, total=len(jobs), desc="tensorrt build"):
-            e = entries[sku]
-            e.files[name] = [rel]
-            e.build_seconds[name] = round(seconds, 3)
-            if hit:
-                e.options["cache_hits"].append(name)
-            log(f"{sku} {name}: {'from cache' if hit else 'built'} in {seconds:.1f}s, "
-                f"{(root / rel).stat().st_size / 1e6:.1f} MB")
+    try:
+        with ThreadPoolExecutor(max_workers=1 if remote else workers) as pool:
+            done = (result for group in by_sku for result in pool.map(one, group))
+            for sku, name, rel, seconds, hit in progress(done, total=len(jobs), desc="tensorrt build"):
+                e = entries[sku]
+                e.files[name] = [rel]
+                e.build_seconds[name] = round(seconds, 3)
+                if hit:
+                    e.options["cache_hits"].append(name)
+                log(f"{sku} {name}: {'from cache' if hit else 'built'} in {seconds:.1f}s, "
+                    f"{(root / rel).stat().st_size / 1e6:.1f} MB")
+    finally:
+        if remote is not None:
+            remote.shutdown()
     for e in entries.values():
         # Running the engines needs the GPU; parity is measured by `diffkiln verify` on that GPU.
         e.options["parity"] = "not measured: needs a GPU of this SKU (diffkiln verify)"
@@ -305,7 +338,8 @@ class TensorRTBackend(Backend):
     preference = 10
     engine_options = ("device", "cuda_graph", "return_torch")
     config_options = ("sku", "precision", "calibration", "mode", "static_height", "static_width", "static_batch",
-                      "optimization_level", "workspace_gib", "jobs", "cache_dir", "use_cache", "refittable")
+                      "optimization_level", "workspace_gib", "jobs", "cache_dir", "use_cache", "refittable", "ray",
+                      "address")
 
     @property
     def set_lora(self):
