@@ -6,13 +6,20 @@ Prompt accuracy (the rule-based grader) of the eager fp32 pipeline and of ONNX R
 the same weights on all 200 held-out captions (10 steps, guidance 4.5, seed = index), a guidance sweep, the
 grader on ground truth, and a 4x4 sample grid.
 """
-import json, sys, time, numpy as np, torch
+import json
+import sys
+import time
 from pathlib import Path
+
+import numpy as np
+import torch
+
 torch.set_flush_denormal(True)
-from diffkiln.models.sana import load_model
 from diffkiln.benchmarks.eager import eager_pipeline
-from diffkiln.training.dataset import split_combinations, caption, render, blur_and_noise, all_combinations, ATTRIBUTES
-from diffkiln.training.grader import prompt_accuracy, grade
+from diffkiln.models.sana import load_model
+from diffkiln.training.dataset import ATTRIBUTES, all_combinations, blur_and_noise, caption, render, split_combinations
+from diffkiln.training.grader import grade, prompt_accuracy
+
 train_facts = json.loads(Path(sys.argv[1]).read_text())
 pipe = eager_pipeline(load_model("tiny-sana"))
 _, held = split_combinations()
@@ -21,8 +28,10 @@ r = prompt_accuracy(pipe, held, seeds=list(range(len(held))))
 dt = time.time() - t
 # the same captions and seeds through ONNX Runtime engines built from the same weights
 import tempfile
+
 from diffkiln.engines.build import build
 from diffkiln.runtime import Pipeline
+
 with tempfile.TemporaryDirectory() as d:
     build("tiny-sana", Path(d) / "ort")
     r_ort = prompt_accuracy(Pipeline.from_engines(Path(d) / "ort"), held, seeds=list(range(len(held))))
@@ -56,6 +65,7 @@ gt = {k: {"n": len(v), "ok": float(np.mean(v))} for k, v in gt.items()}
 print("grader", gt)
 # 4x4 grid of the first 16 held-out captions, seeds 0..15
 from PIL import Image
+
 imgs = [pipe(prompt=caption(a), seed=i, output_type="np").images[0] for i, a in enumerate(held[:16])]
 grid = np.concatenate([np.concatenate(imgs[i * 4:(i + 1) * 4], 1) for i in range(4)], 0)
 Image.fromarray((grid * 255).round().astype(np.uint8)).resize((512, 512), Image.NEAREST).save(
