@@ -23,7 +23,7 @@ ADAPTERS = (
 
 
 def adapters() -> list:
-    """The adapter modules present in this install (a missing one is skipped, not an error)."""
+    """The adapters (`Adapter` objects) of the family modules present in this install (a missing module is skipped)."""
     out = []
     for name in ADAPTERS:
         try:
@@ -32,12 +32,12 @@ def adapters() -> list:
             if e.name != name:
                 raise
             continue
-        out.append(getattr(mod, "ADAPTER", mod))
+        out.append(mod.ADAPTER)
     return out
 
 
 def adapter_for(source: str | Path):
-    """The adapter module for a preset name or a diffusers folder."""
+    """The adapter for a preset name or a diffusers folder."""
     path = Path(source)
     if path.is_dir():
         index = path / "model_index.json"
@@ -65,14 +65,7 @@ def load_model(source: str | Path, submodels=None, dtype: str = "float32", range
     """A preset name or a local diffusers folder -> the adapter's model object with those submodels built.
     `ranges`: user-declared shape ranges (min_size, max_size, max_batch, min_frames, max_frames), see
     `diffkiln.models.base.FamilyModel.with_ranges`."""
-    mod = adapter_for(source)
-    if hasattr(mod, "model_cls"):
-        return mod.load_model(source, tuple(submodels) if submodels else mod.SUBMODELS, dtype=dtype, ranges=ranges,
-                              allow_large=allow_large)
-    model = mod.load_model(source, tuple(submodels) if submodels else mod.SUBMODELS, dtype=dtype)
-    if ranges:
-        raise DiffkilnError(f"shape ranges are not supported for {model.family} yet")
-    return model
+    return adapter_for(source).load_model(source, submodels, dtype=dtype, ranges=ranges, allow_large=allow_large)
 
 
 def all_submodel_names() -> tuple[str, ...]:

@@ -37,12 +37,3 @@ def word_tokenizer(words, vocab_size: int, specials: tuple[str, ...], template: 
     used = [t for t in template.split() if t in vocab]
     tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in used])
     return tok
-
-
-def hf_tokenizer(tokenizer):
-    """Wrap a `tokenizers.Tokenizer` as a transformers tokenizer (what diffusers pipelines take)."""
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
