@@ -125,6 +125,11 @@ def profiles(manifest: Manifest, settings: dict, config: TensorRTBuildConfig) ->
         cfg_batch = 2 if name == settings["denoiser"] else settings.get("decode_chunk", 1) if name == "vae_decoder" else 1
         # video models name their default frame counts per dim in pipeline.json ("opt_dims")
         opt = {**settings.get("opt_dims", {}), "batch": cfg_batch, "latent_height": h, "latent_width": w}
+        # packed-token denoisers (Open-Sora's MMDiT) take latent_frames x patches per frame as one "tokens" dim
+        patch = settings.get("pixel_stride", f) // f
+        opt.setdefault("tokens", opt.get("latent_frames", 1) * (h // patch) * (w // patch))
+        opt.setdefault("height", h * f)  # image inputs in pixels (an image-to-video VAE encoder)
+        opt.setdefault("width", w * f)
         used = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
         prof = {}
         for dim in sorted(used):
