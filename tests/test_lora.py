@@ -153,7 +153,7 @@ def test_validation_errors(model, loras, tmp_path):
 
     with pytest.raises(DiffkilnError, match=r"has no lora_B partner"):
         read_lora(_rewrite(loras["A"], tmp_path / "half.safetensors", lambda t: t.pop(q + ".lora_B.weight")))
-    with pytest.raises(DiffkilnError, match=r"text_encoder LoRA; diffkiln applies LoRAs to the unet only"):
+    with pytest.raises(DiffkilnError, match=r"text_encoder LoRA; diffkiln applies LoRAs to the denoiser only"):
         read_lora(_rewrite(loras["A"], tmp_path / "te.safetensors", lambda t: t.update(
             {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 32), np.float32)})))
     (tmp_path / "lora.bin").write_bytes(b"\x80\x04not read")

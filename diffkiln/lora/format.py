@@ -1,10 +1,13 @@
 """LoRA files -> validated per-weight deltas, with numpy alone (the runtime applies LoRAs with this module).
 
 Layouts read (one file may not mix them; several files may be combined):
-* diffusers / PEFT: `unet.<module>.lora_A.weight` [r, in, *k] and `unet.<module>.lora_B.weight` [out, r, *1],
-  the `unet.` prefix optional; alphas from the safetensors metadata `lora_adapter_metadata` (what
-  `save_lora_weights(..., unet_lora_adapter_metadata=LoraConfig.to_dict())` writes: lora_alpha,
-  alpha_pattern, use_rslora) or from `<module>.alpha` tensors (kohya network alphas);
+* diffusers / PEFT: `unet.<module>.lora_A.weight` [r, in, *k] and `unet.<module>.lora_B.weight` [out, r, *1]
+  (UNet denoisers), `transformer.<module>.lora_A.weight` (transformer denoisers: Flux-style
+  `transformer.transformer_blocks.0.attn.to_q.lora_A.weight` for Open-Sora 2.0), the prefix optional; alphas
+  from the safetensors metadata `lora_adapter_metadata` (what `save_lora_weights(...,
+  unet_lora_adapter_metadata=` / `transformer_lora_adapter_metadata=LoraConfig.to_dict())` writes: lora_alpha,
+  alpha_pattern, use_rslora, keys prefixed with the component) or from `<module>.alpha` tensors (kohya network
+  alphas);
 * `<module>.lora.down.weight` / `lora.up.weight` (diffusers' older LoRA layers), `<module>.lora_down.weight` /
   `lora_up.weight` (cloneofsimo-style trainers, kohya), with kohya's
   `lora_unet_<module with _ for .>` names resolved against the model's module names;
@@ -32,6 +35,7 @@ from diffkiln.lora.safetensors_np import read_safetensors
 
 TEMPORAL_PARTS = frozenset({"temp_attentions", "temp_convs", "transformer_in"})
 COMPONENT = "unet"
+DENOISERS = ("unet", "transformer")  # the component prefixes of the denoisers LoRAs apply to
 OTHER_COMPONENTS = ("text_encoder", "text_encoder_2", "te", "te1", "te2")
 METADATA_KEY = "lora_adapter_metadata"
 
@@ -90,7 +94,7 @@ def _config(meta: dict, path: Path) -> dict:
     conf = loads_json(raw, f"{path}: metadata {METADATA_KEY!r}")
     if not isinstance(conf, dict):
         raise DiffkilnError(f"{path}: metadata {METADATA_KEY!r} is a {type(conf).__name__}; expected a JSON object")
-    prefixed = {k[len(COMPONENT) + 1 :]: v for k, v in conf.items() if k.startswith(COMPONENT + ".")}
+    prefixed = {k.split(".", 1)[1]: v for k, v in conf.items() if k.split(".", 1)[0] in DENOISERS and "." in k}
     conf = prefixed or conf
     if conf.get("use_dora"):
         raise DiffkilnError(f"{path}: DoRA LoRAs (use_dora=true) are not supported; expected plain LoRA")
@@ -111,13 +115,15 @@ def _positive(v) -> bool:
 
 
 def _strip_component(mod: str, key: str, path: Path) -> str | None:
-    """Module path without the `unet.` / `lora_unet_` prefix; None for an empty key part."""
+    """Module path without the `unet.` / `transformer.` / `lora_unet_` prefix; None for an empty key part."""
     for other in OTHER_COMPONENTS:
         if mod.startswith((other + ".", f"lora_{other}_")):
-            raise DiffkilnError(f"{path}: key {key!r} is a {other} LoRA; diffkiln applies LoRAs to the unet only "
-                                f"(expected keys of the form unet.<module>.lora_A.weight)")
-    if mod.startswith(COMPONENT + "."):
-        return mod[len(COMPONENT) + 1 :]
+            raise DiffkilnError(f"{path}: key {key!r} is a {other} LoRA; diffkiln applies LoRAs to the denoiser only "
+                                f"(expected keys of the form unet.<module>.lora_A.weight or "
+                                f"transformer.<module>.lora_A.weight)")
+    for denoiser in DENOISERS:
+        if mod.startswith(denoiser + "."):
+            return mod[len(denoiser) + 1 :]
     if mod.startswith(f"lora_{COMPONENT}_"):
         return mod  # kohya name, resolved against the model's modules later
     return mod
@@ -125,8 +131,8 @@ def _strip_component(mod: str, key: str, path: Path) -> str | None:
 
 def read_lora(paths, component: str = COMPONENT) -> Lora:
     """Read one or more LoRA .safetensors files (see the module docstring for the layouts)."""
-    if component != COMPONENT:
-        raise DiffkilnError(f"component={component!r}; LoRAs are applied to {COMPONENT!r} only")
+    if component not in DENOISERS:
+        raise DiffkilnError(f"component={component!r}; LoRAs are applied to the denoiser: one of {DENOISERS}")
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise DiffkilnError("no LoRA file given")
@@ -134,6 +140,12 @@ def read_lora(paths, component: str = COMPONENT) -> Lora:
     configs = {}
     for path in map(Path, paths):
         tensors, meta = read_safetensors(path)
+        from diffkiln.lora.open_sora import is_original_layout
+
+        if is_original_layout(tensors):
+            raise DiffkilnError(f"{path}: an Open-Sora 2.0 LoRA in its original key layout ({next(iter(tensors))!r}); "
+                                f"convert it to the diffusers Flux layout first: diffkiln.lora.open_sora."
+                                f"convert_lora_file(SRC, OUT, head_dim=128)")
         conf = _config(meta, path)
         configs[str(path)] = conf
         pairs: dict[str, dict] = {}
@@ -250,7 +262,7 @@ def lora_deltas(lora: Lora, weights: dict, spatial_scale: float = 1.0, temporal_
             near = difflib.get_close_matches(m.name, names, n=3, cutoff=0.6) or difflib.get_close_matches(
                 m.name, [n.split(".", 1)[-1] for n in names], n=3, cutoff=0.6)
             raise DiffkilnError(f"LoRA key {m.keys[0]!r} ({m.source}): module {m.name!r} is not a LoRA-able weight of "
-                                f"this {COMPONENT} (expected a Linear/Conv module path such as "
+                                f"this denoiser (expected a Linear/Conv module path such as "
                                 f"{(near or names[:2])}); received an unknown module name")
         shape = tuple(weights[key])
         check_shapes(m, shape)

@@ -126,3 +126,56 @@ def with_deltas(module, deltas: dict[str, np.ndarray]):
             p = params[name]
             p.copy_((p.float() + torch.from_numpy(np.asarray(d, np.float32))).to(p.dtype))
     return out.eval()
+
+
+FLUX_TARGETS = (r".*transformer_blocks\.\d+\.attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+                r"to_add_out)|.*transformer_blocks\.\d+\.(?:ff|ff_context)\.net\.(?:0\.proj|2)|"
+                r".*single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out)")
+
+
+def make_flux_lora(transformer, path: str | Path, rank: int = 4, alpha: float = 8.0, seed: int = 0,
+                   target: str = FLUX_TARGETS) -> Path:
+    """Seeded PEFT LoRA on a copy of a FluxTransformer2DModel (non-zero B), saved atomically by diffusers'
+    `FluxPipeline.save_lora_weights` (`transformer.<module>.lora_A.weight`, LoraConfig in the metadata)."""
+    import torch
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    path = Path(path)
+    model = copy.deepcopy(transformer)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=rf"(?:{target})$", init_lora_weights=False)
+    torch.manual_seed(seed)
+    model.add_adapter(config, adapter_name="style")
+    state = get_peft_model_state_dict(model, adapter_name="style")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, weight_name=path.name,
+                                       transformer_lora_adapter_metadata=config.to_dict())
+        os.replace(Path(tmp) / path.name, path)
+    return path
+
+
+def diffusers_lora_transformer(transformer, adapters: dict, fuse_scale: float | None = None):
+    """A copy of a FluxTransformer2DModel with LoRA files loaded by diffusers' `FluxPipeline.load_lora_weights`
+    (`adapters` {name: (file, weight)} -> `set_adapters`; `fuse_scale` -> `fuse_lora(lora_scale=)`, then unloaded)."""
+    from diffusers import FluxPipeline
+    from diffusers.utils import logging as dlog
+
+    model = copy.deepcopy(transformer)
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                tokenizer_2=None, transformer=model)
+            for name, (file, _w) in adapters.items():
+                pipe.load_lora_weights(str(Path(file).parent), weight_name=Path(file).name, adapter_name=name)
+            pipe.set_adapters(list(adapters), [w for _f, w in adapters.values()])
+            if fuse_scale is not None:
+                pipe.fuse_lora(lora_scale=fuse_scale, adapter_names=list(adapters))
+                pipe.unload_lora_weights()
+    finally:
+        dlog.set_verbosity(level)
+    return model.eval()
