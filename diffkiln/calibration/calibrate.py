@@ -123,7 +123,9 @@ def calibration_model(source, with_vae: bool = False, dtype: str = "float32"):
     from diffkiln.models.registry import adapter_for, load_model
 
     mod = adapter_for(source)
-    names = ["text_encoder", mod.model_cls.DENOISER] + (["vae_decoder"] if with_vae else [])
+    # every text encoder the pipeline runs (Open-Sora 2.0: T5 and CLIP's pooled output)
+    texts = [c.submodel for c in mod.model_cls.COMPONENTS if c.submodel.startswith("text_encoder")] or ["text_encoder"]
+    names = texts + [mod.model_cls.DENOISER] + (["vae_decoder"] if with_vae else [])
     return load_model(source, names, dtype=dtype)
 
 

@@ -74,10 +74,40 @@ def pipeline_call(model, prompts: list[str], steps: int, guidance: float, seed: 
               "use_resolution_binning": False, "max_sequence_length": s.get("max_sequence_length")}
     if "num_frames" in shape:
         kwargs["num_frames"] = kwargs["frames"] = shape["num_frames"]  # SanaVideoPipeline calls it `frames`
-    accepted = inspect.signature(type(pipe).__call__).parameters
+    if model.family in CHANNELS_FIRST_LATENTS:  # diffkiln's own pipelines take the initial noise from the caller
+        kwargs["latents"] = initial_latents(model, len(prompts), shape, kwargs["generator"])
+    accepted = accepted_arguments(type(pipe))
     kwargs = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
     with torch.inference_mode():
         pipe(**kwargs)
+
+
+CHANNELS_FIRST_LATENTS = ("open-sora-v2",)  # families whose pipeline needs `latents` [B, C, T, h, w] given
+
+
+def initial_latents(model, batch: int, shape: dict, generator):
+    """Seeded initial noise [B, C, latent frames, h, w] for a pipeline that takes it from its caller."""
+    import torch
+
+    f = model.vae_scale_factor
+    c = int(model.vae_config.get("latent_channels", 16)) if model.vae_config else 16
+    t = model.latent_frames(shape["num_frames"])
+    return torch.randn((batch, c, t, shape["height"] // f, shape["width"] // f), generator=generator)
+
+
+def accepted_arguments(cls) -> set[str]:
+    """Keyword arguments a pipeline's __call__ takes: its own, and its base classes' when it forwards **kwargs
+    (VideoCrafter2Pipeline passes output_type and the rest to TextToVideoSDPipeline)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        call = klass.__dict__.get("__call__")
+        if call is None:
+            continue
+        params = inspect.signature(call).parameters
+        names |= {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
 
 
 def sampler_defaults(model, steps: int | None, guidance: float | None) -> tuple[int, float]:
