@@ -97,6 +97,16 @@ def cmd_generate(args) -> None:
     if video and args.resolution_binning:
         raise DiffkilnError(f"--resolution-binning: {args.engines} holds a video model; binning is for the Sana image "
                             "families")
+    args.image_pixels = None
+    if args.image is not None or args.image_guidance is not None:
+        if not video:
+            raise DiffkilnError(f"--image / --image-guidance: {args.engines} holds an image model; image-to-video "
+                                "takes an open-sora-v2 engine directory")
+        if args.image is None:
+            raise DiffkilnError("--image-guidance applies with --image (image-to-video)")
+        from diffkiln.runtime.video import read_image_file
+
+        args.image_pixels = read_image_file(args.image)  # read before any engine is loaded
     # the output is checked before any work: its suffix names the format, its place is writable, no engine file
     if video:
         from diffkiln.runtime.video_io import check_video_output
@@ -142,9 +152,11 @@ def _generate_video(args, pipe) -> None:
     if args.lora:
         applied = pipe.set_lora(args.lora, args.lora_spatial_scale, args.lora_temporal_scale)
         print(f"LoRA {', '.join(args.lora)} applied to {applied['lora']['weights_replaced']} weights in {applied['seconds']:.2f}s")
+    image = {} if args.image_pixels is None else {"image": args.image_pixels,
+                                                  "image_guidance_scale": args.image_guidance}
     out = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames,
                num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
-               seed=args.seed, progress=True)
+               seed=args.seed, progress=True, **image)
     mp4 = write_video(out.frames[0], args.output, fps=out.fps or 8 if args.fps is None else args.fps, codec=args.codec)
     png = save_frame_grid(out.frames[0], Path(mp4).with_suffix(".png"))
     t = out.timings
@@ -384,6 +396,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-images", type=int, default=1)
     sp.add_argument("--frames", type=int, default=None, help="video models: number of frames (default: the model's)")
     sp.add_argument("--fps", type=int, default=None, help="video models: MP4 frame rate (default: the model's)")
+    sp.add_argument("--image", default=None, metavar="FILE",
+                    help="image-to-video (open-sora-v2): the first frame, a PNG / JPEG, resized and center-cropped "
+                         "to --height x --width")
+    sp.add_argument("--image-guidance", type=float, default=None, metavar="X",
+                    help="with --image: the image guidance scale (default: the model's, Open-Sora 2.0: 3.0)")
     sp.add_argument("--lora", action="append", metavar="FILE",
                     help="video models: LoRA safetensors (diffusers/PEFT layout) applied to the built engines; repeatable")
     sp.add_argument("--lora-spatial-scale", type=float, default=1.0, help="scale of the LoRA's spatial layers")

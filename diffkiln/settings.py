@@ -38,6 +38,13 @@ def _check_family_keys(where: str, d: dict) -> None:
     for k in ("vae_scaling_factor", "timestep_scale"):
         if d.get(k) is not None and (_num(where, k, d[k]) <= 0):
             raise DiffkilnError(f"{where}: {k}={d[k]!r}; expected a finite number > 0")
+    if d.get("clip_pad_token_id") is not None:
+        _int(where, "clip_pad_token_id", d["clip_pad_token_id"], lo=0)
+    if d.get("clip_length") is not None:
+        _int(where, "clip_length", d["clip_length"])
+    if d.get("clip_tokenizer") is not None and not isinstance(d["clip_tokenizer"], str):
+        raise DiffkilnError(f"{where}: clip_tokenizer={d['clip_tokenizer']!r}; expected a file name of the engine "
+                            "directory (tokenizer_2.json) or null")
     bins = d.get("resolution_bins")
     if bins is not None:
         if not isinstance(bins, dict) or not bins:
@@ -98,8 +105,9 @@ class PipelineSettings:
         for k in ("height", "width", "num_inference_steps", "num_frames", "fps"):
             if k in defaults:
                 _int(where, f"defaults.{k}", defaults[k])
-        if "guidance_scale" in defaults:
-            _num(where, "defaults.guidance_scale", defaults["guidance_scale"])
+        for k in ("guidance_scale", "guidance_img"):
+            if k in defaults:
+                _num(where, f"defaults.{k}", defaults[k])
         _check_family_keys(where, d)
         return cls(**{k: d[k] for k in names}, extra={k: v for k, v in d.items() if k not in names})
 

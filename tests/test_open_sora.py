@@ -321,8 +321,8 @@ def reference_t2v(model, prompt, negative, latents, steps, guidance):
     tok = model.hf_tokenizer()
     t5_ids = tok([prompt, negative], padding="max_length", max_length=p.max_sequence_length, truncation=True,
                  return_tensors="pt").input_ids
-    clip_ids = tok([prompt, negative], padding="max_length", max_length=p.clip_length, truncation=True,
-                   return_tensors="pt").input_ids
+    clip_ids = model.hf_tokenizer_2()([prompt, negative], padding="max_length", max_length=p.clip_length,
+                                      truncation=True, return_tensors="pt").input_ids  # CLIP's own tokenizer
     b, c, t, h, w = latents.shape
     alpha = (1 + (s["max_shift"] - 1) / (4096 - 256) * ((h * w) // 4 - 256)) * math.sqrt(t)
     sig = torch.linspace(1, 0, steps + 1)

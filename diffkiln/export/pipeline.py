@@ -22,8 +22,11 @@ def tool_versions(*modules: str) -> dict:
 
 
 def write_runtime_files(model, root: Path) -> None:
-    """tokenizer.json, scheduler.json, pipeline.json: all the runtime reads besides the engines."""
+    """tokenizer.json (and tokenizer_2.json: a second text encoder's own tokenizer, when the model has one),
+    scheduler.json, pipeline.json: all the runtime reads besides the engines. The manifest lists and hashes each."""
     model.tokenizer.save(str(root / "tokenizer.json"))
+    if getattr(model, "tokenizer_2", None) is not None:
+        model.tokenizer_2.save(str(root / "tokenizer_2.json"))
     atomic_write_json(root / "scheduler.json", model.scheduler_config)
     atomic_write_json(root / "pipeline.json", model.pipeline_settings())
 

@@ -128,6 +128,15 @@ class Component:
     config_cls: str | None = None  # transformers models: their config class ("transformers.Gemma2Config")
     seed_offset: int = 0  # presets: module seed = preset seed + this (building a subset gives the same weights)
     kwargs: tuple = ()  # extra (key, value) for construction / from_pretrained, e.g. attn_implementation
+    extra: tuple[str, ...] = ()  # further submodels exported from the same module (Open-Sora's vae_encoder)
+
+    @property
+    def submodels(self) -> tuple[str, ...]:
+        return (self.submodel, *self.extra)
+
+    def wanted(self, submodels) -> bool:
+        """Whether any submodel made from this module is asked for (then the module is built / loaded)."""
+        return bool(set(self.submodels) & set(submodels))
 
     @classmethod
     def denoiser(cls, class_path: str, attr: str = "transformer") -> Component:
@@ -171,12 +180,13 @@ def _token(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def folder_special_tokens(folder: Path, defaults: dict) -> dict:
+def folder_special_tokens(folder: Path, defaults: dict, sub: str = "tokenizer") -> dict:
     """The folder tokenizer's own special tokens (pad / eos / bos / unk), from tokenizer_config.json and
-    special_tokens_map.json as transformers reads them; a token a file does not name is None (not the default)."""
+    special_tokens_map.json as transformers reads them; a token a file does not name is None (not the default).
+    `sub`: the tokenizer's subfolder ("tokenizer_2" for a second text encoder's own tokenizer)."""
     out = {k: None for k in defaults}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = folder / "tokenizer" / name
+        path = folder / sub / name
         if path.is_file():
             conf = read_json(path)
             for key in out:
@@ -203,6 +213,10 @@ class FamilyModel(ABC):
     weights_ids: dict = field(default_factory=dict)
     family: str = ""
     special_tokens: dict = field(default_factory=dict)  # the folder tokenizer's own; presets: SPECIAL_TOKENS
+    # a second text encoder's own tokenizer (diffusers' tokenizer_2/, e.g. Open-Sora's CLIP) and its special tokens;
+    # None: the family has none, or the folder has none (that encoder then reads the main tokenizer's ids)
+    tokenizer_2: object = None
+    special_tokens_2: dict = field(default_factory=dict)
 
     def __getattr__(self, name: str):
         attrs = {c.attr for c in type(self).COMPONENTS}
@@ -224,6 +238,8 @@ class FamilyModel(ABC):
     DENOISER: ClassVar[str] = "transformer"
     # the family's tokenizer special tokens (presets' word-level stand-ins): pad, eos, bos, unk
     SPECIAL_TOKENS: ClassVar[dict] = {}
+    # families with a second tokenizer (tokenizer_2/): its special tokens in presets; empty: no second tokenizer
+    SPECIAL_TOKENS_2: ClassVar[dict] = {}
 
     PRESET_CLASS: ClassVar[type] = PresetBase
 
@@ -263,6 +279,10 @@ class FamilyModel(ABC):
     @abstractmethod
     def preset_tokenizer(cls, preset):
         """The locally built tokenizer of a preset."""
+
+    @classmethod
+    def preset_tokenizer_2(cls, preset):
+        """The locally built second tokenizer of a preset (families with SPECIAL_TOKENS_2), else None."""
 
     @abstractmethod
     def family_settings(self) -> dict:
@@ -361,6 +381,23 @@ class FamilyModel(ABC):
         return PreTrainedTokenizerFast(tokenizer_object=self.tokenizer, model_max_length=self.preset.max_sequence_length,
                                        **specials)
 
+    def tokens_2(self) -> dict:
+        return dict(self.special_tokens_2 or self.SPECIAL_TOKENS_2)
+
+    def token_id_2(self, kind: str) -> int | None:
+        """A special token id of the second tokenizer (None without one, or where it has no such token)."""
+        tok = self.tokens_2().get(kind)
+        return None if tok is None or self.tokenizer_2 is None else self.tokenizer_2.token_to_id(tok)
+
+    def hf_tokenizer_2(self):
+        """The second tokenizer wrapped for diffusers, or None when the model has none."""
+        if self.tokenizer_2 is None:
+            return None
+        from transformers import PreTrainedTokenizerFast
+
+        specials = {f"{k}_token": v for k, v in self.tokens_2().items() if v is not None}
+        return PreTrainedTokenizerFast(tokenizer_object=self.tokenizer_2, **specials)
+
     def pipeline_settings(self) -> dict:
         """pipeline.json: everything the runtime needs besides the engines, the tokenizer and the scheduler config
         (validated into `diffkiln.settings.PipelineSettings` when written and when read)."""
@@ -399,6 +436,8 @@ class FamilyModel(ABC):
         cls = self.pipeline_class(self.family)
         sched = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
         parts = {c.attr: getattr(self, c.attr) for c in self.COMPONENTS}
+        if "tokenizer_2" in inspect.signature(cls.__init__).parameters:
+            parts["tokenizer_2"] = self.hf_tokenizer_2()
         return cls(tokenizer=self.hf_tokenizer(), scheduler=sched, **parts)
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -476,7 +515,7 @@ def check_size(model, submodels, dtype, where: str, allow_large: bool = False) -
     (counted on the meta device: no memory) fit in this machine's memory, unless `allow_large`."""
     import torch
 
-    wanted = [c for c in model.COMPONENTS if c.submodel in submodels]
+    wanted = [c for c in model.COMPONENTS if c.wanted(submodels)]
     for c in wanted:
         problem = _config_value_error(f"{where} {c.attr} config", model.config(c.attr))
         if problem:
@@ -519,7 +558,7 @@ class Adapter:
     @property
     def SUBMODELS(self) -> tuple[str, ...]:  # noqa: N802 (the registry's historical name)
         order = {"text_encoder": 0}
-        subs = [c.submodel for c in self.model_cls.COMPONENTS]
+        subs = [s for c in self.model_cls.COMPONENTS for s in c.submodels]
         return tuple(sorted(subs, key=lambda s: order.get(s, 1 if s == self.model_cls.DENOISER else 2)))
 
     @property
@@ -566,6 +605,7 @@ class Adapter:
             model = self._new(preset.name, "preset", self.family_of(preset), preset,
                               {c.attr: dict(getattr(preset, c.attr)) for c in self.model_cls.COMPONENTS},
                               dict(preset.scheduler), self.model_cls.preset_tokenizer(preset), {})
+            model.tokenizer_2 = self.model_cls.preset_tokenizer_2(preset)
             model.check_config(f"preset {preset.name}")
             check_size(model, submodels, tdtype, f"preset {preset.name}", allow_large)
             self._build_modules(model, submodels, tdtype, preset.seed)
@@ -580,12 +620,13 @@ class Adapter:
 
         built = {}
         for c in self.model_cls.COMPONENTS:
-            if c.submodel in submodels:
+            if c.wanted(submodels):
                 torch.manual_seed(seed + c.seed_offset)
                 built[c] = c.build(model.config(c.attr))
         model.prepare_modules({c.attr: m for c, m in built.items()})
         for c, module in built.items():
             setattr(model, c.attr, loaded(model, c.submodel, module, dtype))
+            _share_weights_id(model, c)
 
     def _load_folder(self, folder: Path, submodels, dtype, allow_large: bool = False):
         from tokenizers import Tokenizer
@@ -616,11 +657,25 @@ class Adapter:
         model = self._new(folder.name, str(folder.resolve()), family, preset, configs, sconf,
                           Tokenizer.from_file(str(tok_file)),
                           folder_special_tokens(folder, self.model_cls.SPECIAL_TOKENS))
+        tok_2 = folder / "tokenizer_2" / "tokenizer.json"
+        if self.model_cls.SPECIAL_TOKENS_2 and tok_2.is_file():
+            try:
+                model.tokenizer_2 = Tokenizer.from_file(str(tok_2))
+            except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception for a malformed file)
+                raise DiffkilnError(f"{tok_2}: not a tokenizers tokenizer.json ({' '.join(str(e).split())[:200]})") from None
+            model.special_tokens_2 = folder_special_tokens(folder, self.model_cls.SPECIAL_TOKENS_2, "tokenizer_2")
         model.check_config(str(folder))
         check_size(model, submodels, dtype, str(folder), allow_large)
         for c in self.model_cls.COMPONENTS:
-            if c.submodel in submodels:
+            if c.wanted(submodels):
                 check_safetensors(folder / c.attr)
                 setattr(model, c.attr, loaded(model, c.submodel, c.load(folder / c.attr), dtype))
+                _share_weights_id(model, c)
         return model
+
+
+def _share_weights_id(model, component: Component) -> None:
+    """Submodels exported from the same module have its weights identity."""
+    for extra in component.extra:
+        model.weights_ids[extra] = model.weights_ids[component.submodel]
 

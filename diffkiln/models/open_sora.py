@@ -6,7 +6,13 @@
   condition] (64 + 68 = 132 channels at the real size). Real weights: `diffkiln convert open-sora-v2`
   (models/convert_open_sora.py).
 * text: T5-v1.1-XXL (512 tokens, padded, no mask) through `context_embedder`; CLIP-L's pooled output (768) through
-  the time embedding (`text_encoder_2`). Presets use a word-level stand-in tokenizer shared by both encoders.
+  the time embedding (`text_encoder_2`), its ids from CLIP's own tokenizer (diffusers' `tokenizer_2/`; written into
+  engine directories as tokenizer_2.json; a folder without one gives CLIP the main tokenizer's ids). Presets use
+  word-level stand-ins: T5's layout for `tokenizer`, CLIP's (start / end tokens around the words, the end token as
+  pad) for `tokenizer_2`.
+* image-to-video (Open-Sora's cond_type "i2v_head"): the reference image is encoded by the VAE encoder
+  (`vae_encoder`: one image -> one latent frame, the posterior's mean x scaling factor) into latent frame 0 of the
+  condition with mask 1 there; three transformer passes per step (runtime/open_sora.py).
 * VAE: HunyuanVideo's causal 3D VAE (`AutoencoderKLHunyuanVideo`: 16 channels, 8x spatial, 4x temporal, scale
   0.476986). Its group norms see every frame of what they decode, so it cannot be split into causal chunks exactly;
   diffusers bounds its memory with temporal tiles (16 + 1 frames, stride 12, blended) and optional spatial tiles.
@@ -18,6 +24,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from diffkiln.errors import DiffkilnError
 from diffkiln.models.base import Adapter, Component, FamilyModel, Geometry, VideoPresetBase, preset_table
@@ -31,9 +38,11 @@ PATCH = 2  # 2x2 latent patches, packed outside the transformer
 MMDIT_11B = dict(patch_size=1, in_channels=64 + 68, out_channels=64, num_layers=19, num_single_layers=38,
                  attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                  guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+# bos / eos / pad: the stand-in CLIP tokenizer's (clip_word_tokenizer); CLIP pools at the first end token
 CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-                   pad_token_id=0, eos_token_id=1, bos_token_id=49406)  # eos / pad: the shared stand-in tokenizer's
+                   pad_token_id=1, eos_token_id=1, bos_token_id=0)
+CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")  # ids 0, 1 in the stand-in (CLIP-L: 49406, 49407)
 HUNYUAN_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
                    layers_per_block=2, norm_num_groups=32, scaling_factor=0.476986, spatial_compression_ratio=8,
                    temporal_compression_ratio=4, mid_block_add_attention=True)
@@ -70,7 +79,7 @@ PRESETS = preset_table(
         text_encoder=dict(T5_V11_XXL, vocab_size=128, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
                           relative_attention_num_buckets=8, relative_attention_max_distance=16),
         text_encoder_2=dict(CLIP_L_TEXT, vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=16, projection_dim=16, bos_token_id=2),
+                            num_attention_heads=2, max_position_embeddings=16, projection_dim=16),
         vae=dict(HUNYUAN_VAE, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
                  norm_num_groups=4),
         scheduler=FLOW_EULER, max_sequence_length=16, clip_length=16, height=32, width=32, num_frames=9, fps=8,
@@ -103,9 +112,10 @@ class OpenSoraV2Model(FamilyModel):
         Component("text_encoder_2", "text_encoder_2", "transformers.CLIPTextModel", "transformers.CLIPTextConfig",
                   seed_offset=3),
         Component.denoiser("diffusers.FluxTransformer2DModel"),
-        Component.vae("diffusers.AutoencoderKLHunyuanVideo"),
+        Component("vae", "vae_decoder", "diffusers.AutoencoderKLHunyuanVideo", seed_offset=2, extra=("vae_encoder",)),
     )
     SPECIAL_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
+    SPECIAL_TOKENS_2: ClassVar[dict] = {"pad": CLIP_SPECIALS[1], "eos": CLIP_SPECIALS[1], "bos": CLIP_SPECIALS[0], "unk": CLIP_SPECIALS[1]}
 
     @classmethod
     def pipeline_class(cls, family: str):
@@ -116,6 +126,17 @@ class OpenSoraV2Model(FamilyModel):
     @classmethod
     def preset_tokenizer(cls, preset):
         return build_t5_word_tokenizer([" ".join(preset.extra_vocab)], preset.text_encoder["vocab_size"])
+
+    @classmethod
+    def preset_tokenizer_2(cls, preset):
+        return clip_word_tokenizer(preset.extra_vocab, preset.text_encoder_2["vocab_size"])
+
+    @classmethod
+    def folder_sizes(cls, configs):
+        """A diffusers folder's preset fields besides its sizes: CLIP's length is its position table (77 for CLIP-L),
+        and Open-Sora's 256px inference settings (frames, T5 length, sampler, tiles) where diffkiln.json has none."""
+        return dict(super().folder_sizes(configs), clip_length=configs["text_encoder_2"].get("max_position_embeddings", 77),
+                    num_frames=129, fps=24, max_sequence_length=512, sampler=dict(SAMPLER), vae_tiles=dict(VAE_TILES))
 
     @classmethod
     def geometry(cls, configs):
@@ -149,6 +170,10 @@ class OpenSoraV2Model(FamilyModel):
             "temporal_compression": self.temporal_compression,
             "vae_scaling_factor": float(self.vae_config.get("scaling_factor", 0.476986)),
             "clip_length": p.clip_length,
+            # CLIP's own tokenizer (tokenizer_2.json) and its pad id; None: CLIP reads the main tokenizer's ids
+            "clip_tokenizer": "tokenizer_2.json" if self.tokenizer_2 is not None else None,
+            "clip_pad_token_id": self._clip_pad(),
+            "clip_vocab_size": self.text_encoder_2_config.get("vocab_size"),
             "sampler": dict(p.sampler),
             "vae_tiles": dict(p.vae_tiles),
             "frames": {"min": p.min_frames, "max": p.max_frames, "multiple": self.temporal_compression, "offset": 1},
@@ -156,15 +181,32 @@ class OpenSoraV2Model(FamilyModel):
             "defaults": {"guidance_img": p.sampler["guidance_img"]},
         }
 
+    def _clip_pad(self) -> int:
+        """CLIP's pad id: its tokenizer's pad token (CLIP pads with its end token), else the main tokenizer's."""
+        pad = self.token_id_2("pad") if self.tokenizer_2 is not None else self.token_id("pad")
+        return 0 if pad is None else pad
+
     def diffusers_pipeline(self):
         pipe = super().diffusers_pipeline()
         pipe.sampler, pipe.vae_tiles = dict(self.preset.sampler), dict(self.preset.vae_tiles)
+        pipe.max_sequence_length, pipe.clip_length = self.preset.max_sequence_length, self.preset.clip_length
         return pipe
 
     def submodels(self, names=None) -> dict:
         from diffkiln.models.open_sora_modules import open_sora_submodels
 
         return open_sora_submodels(self, names)
+
+
+def clip_word_tokenizer(words, vocab_size: int):
+    """A word-level stand-in for CLIP's BPE tokenizer (not downloadable here) with CLIP's layout: the start token,
+    the words, the end token (the pad token too). Its word ids run in the reverse order of the T5 stand-in's, so a
+    pipeline that fed CLIP the T5 tokenizer's ids would see other tokens."""
+    from diffkiln.models.tokenizer import WORD, word_tokenizer
+
+    words = list(dict.fromkeys(WORD.findall(" ".join(words).lower())))
+    return word_tokenizer(reversed(words), vocab_size, CLIP_SPECIALS, f"{CLIP_SPECIALS[0]} $A {CLIP_SPECIALS[1]}",
+                          unk=CLIP_SPECIALS[1])
 
 
 ADAPTER = Adapter(OpenSoraV2Model, PRESETS)

@@ -9,6 +9,12 @@
   [B, C, T, h, w] (already / scaling_factor), T, h, w dynamic. Two of diffusers' decoder steps read the frame count
   into Python (the causal upsampler's first-frame branch and the mid-block's causal attention mask); here they are
   the same math as tensor ops, so one graph serves every tile length.
+* vae_encoder: a reference image [B, 3, H, W] in [-1, 1] -> its latent frame [B, C, H/8, W/8]: the encoder +
+  quant_conv on one frame, the posterior's mean x scaling_factor (Open-Sora's hunyuan_vae `encode` subtracts
+  shift_factor 0 and scales by scale_factor 0.476986: opensora/models/hunyuan_vae/autoencoder_kl_causal_3d.py). H, W
+  dynamic (the mid-block's causal mask as tensor ops, as in the decoder). Open-Sora's inference draws a posterior
+  sample (its `encode` default sample_posterior=True, opensora/utils/inference.py collect_references_batch); the
+  mean is taken here so a reference image has one latent whatever the seed.
 """
 
 from __future__ import annotations
@@ -60,6 +66,16 @@ def _decoder_functions():
                 x = upsample(u, x)
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(x)))
 
+    def encode(vae, image):
+        enc = vae.encoder
+        x = enc.conv_in(image[:, :, None])
+        for block in enc.down_blocks:
+            x = block(x)
+        x = mid_block(enc.mid_block, x)
+        x = vae.quant_conv(enc.conv_out(enc.conv_act(enc.conv_norm_out(x))))
+        return x[:, : x.shape[1] // 2, 0] * vae.config.scaling_factor  # the mean of (mean, logvar)
+
+    decode.encode = encode
     return decode
 
 
@@ -206,7 +222,7 @@ def open_sora_submodels(model, names=None) -> dict:
              {"batch": 3, "latent_frames": frames[0], "latent_height": lat[0], "latent_width": 2 * lat[0],
               "tokens": frames[0] * lat[0] // PATCH * lat[0]}])
 
-    if model.vae is not None and want("vae_decoder"):
+    if model.vae is not None and (want("vae_decoder") or want("vae_encoder")):
         C = model.vae_config["latent_channels"]
         decode = _decoder_functions()
         tiles = p.vae_tiles
@@ -223,6 +239,10 @@ def open_sora_submodels(model, names=None) -> dict:
             return {"latents": rng.standard_normal(shape, np.float32)}
 
         tc_ = model.temporal_compression
+        if want("vae_encoder"):
+            out["vae_encoder"] = _encoder_submodel(model, decode.encode, lat)
+        if not want("vae_decoder"):
+            return out
         out["vae_decoder"] = Submodel(
             SubmodelSpec("vae_decoder",
                          inputs=[TensorSpec("latents", "float32", ("batch", C, "latent_frames", "latent_height", "latent_width"))],
@@ -235,3 +255,30 @@ def open_sora_submodels(model, names=None) -> dict:
              {"batch": min(2, p.max_batch), "latent_frames": 1, "latent_height": lat[0], "latent_width": tile_hw[1]}])
     return out
 
+
+
+def _encoder_submodel(model, encode, lat):
+    """vae_encoder: image [B, 3, H, W] in [-1, 1] -> scaled latent mean [B, C, H/8, W/8] over the engines' sizes."""
+    from diffkiln.manifest import SubmodelSpec, TensorSpec
+    from diffkiln.models.submodels import Submodel, cast_like, holding
+
+    p, f, C = model.preset, model.vae_scale_factor, model.vae_config["latent_channels"]
+
+    class VaeEncoder(holding("vae")):
+        def forward(self, image):
+            return encode(self.vae, cast_like(image, next(self.vae.parameters()))).float()
+
+    def sample(dims, seed):
+        rng = np.random.default_rng(seed)
+        shape = (dims["batch"], 3, dims["latent_height"] * f, dims["latent_width"] * f)
+        return {"image": rng.uniform(-1, 1, shape).astype(np.float32)}
+
+    return Submodel(
+        SubmodelSpec("vae_encoder", inputs=[TensorSpec("image", "float32", ("batch", 3, "height", "width"))],
+                     outputs=[TensorSpec("latents", "float32", ("batch", C, "latent_height", "latent_width"))],
+                     dims={"batch": (1, p.max_batch), "height": (lat[0] * f, lat[1] * f),
+                           "width": (lat[0] * f, lat[1] * f), "latent_height": lat, "latent_width": lat}),
+        VaeEncoder(model.vae), sample,
+        [{"batch": 1, "latent_height": lat[0], "latent_width": lat[0], "height": lat[0] * f, "width": lat[0] * f},
+         {"batch": min(2, p.max_batch), "latent_height": lat[0], "latent_width": lat[1], "height": lat[0] * f,
+          "width": lat[1] * f}])

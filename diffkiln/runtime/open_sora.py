@@ -1,7 +1,8 @@
-"""Open-Sora 2.0 text-to-video over engines (numpy + tokenizers only), as opensora/utils/sampling.py samples it.
+"""Open-Sora 2.0 text- and image-to-video over engines (numpy + tokenizers only), as opensora/utils/sampling.py samples it.
 
-* text: T5 ids padded to max_sequence_length (no mask) -> `text_encoder`; CLIP ids (clip_length) -> `text_encoder_2`'s
-  pooled vector;
+* text: T5 ids padded to max_sequence_length (no mask) -> `text_encoder`; CLIP ids from CLIP's own tokenizer
+  (tokenizer_2.json; the main tokenizer when the model folder had none), padded to clip_length with its pad (end)
+  token -> `text_encoder_2`'s pooled vector;
 * schedule (get_schedule): sigmas linspace(1, 0, n + 1) shifted by alpha * s / (1 + (alpha - 1) * s), alpha =
   linear(tokens per latent frame: 256 -> base_shift, 4096 -> max_shift) * sqrt(latent frames); Euler steps
   x += (s_next - s) * v (the FlowMatchEuler port, shift 1, with these sigmas);
@@ -9,6 +10,15 @@
   token positions (t, h, w); guidance (I2VDenoiser): v = v_neg + g * (v_text - v_neg), the condition-free third pass of
   image-to-video equals the negative one when there is no reference, so text-to-video runs two passes exactly;
   with oscillation g is 1 on odd steps from `osci_from` (Open-Sora: 10) on;
+* image-to-video (cond_type "i2v_head"; opensora/utils/inference.py prepare_inference_condition and
+  collect_references_batch, sampling.py I2VDenoiser): the reference image (resized / cropped as Open-Sora reads it:
+  runtime/video.py reference_pixels) -> `vae_encoder` -> one latent frame; the condition is mask (1 at latent frame
+  0, when the video has more than one latent frame) || masked reference latents (the reference at frame 0, zeros
+  after), 2x2-packed. Three passes per step: [text + cond, negative + cond, negative + zeros]:
+  v = v_neg0 + g_img * (v_neg - v_neg0) + g * (v_text - v_neg), g and g_img each oscillated (text_osci,
+  image_osci); with scale_temporal_osci and g_img > 1 the image scale is a ramp over latent frames,
+  linspace(1, linspace(g_img, 1, steps + 1)[step], T)[frame]. After the loop latent frame 0 is replaced by the
+  reference latents (as Open-Sora does for i2v_head; here for every video of the batch) before decoding;
 * decode: diffusers' AutoencoderKLHunyuanVideo.decode, one `vae_decoder` call per tile (temporal tiles of
   tile_sample_min_num_frames / 4 + 1 latent frames, stride tile_sample_stride_num_frames / 4, blended over the
   overlap; spatial tiles likewise when use_tiling), so memory is bounded by one tile whatever the video's size.
@@ -20,6 +30,7 @@ import math
 
 import numpy as np
 
+from diffkiln.errors import DiffkilnError
 from diffkiln.runtime.pipeline import run_batched
 from diffkiln.runtime.text import PromptTokenizer
 from diffkiln.runtime.video import VideoPipeline
@@ -59,6 +70,42 @@ def schedule(steps: int, latent_shape: tuple, sampler: dict) -> np.ndarray:
 def oscillated(scale: float, i: int, start: int) -> float:
     """get_oscillation_gs: the scale before step `start` and on even steps, 1 on the odd ones after."""
     return scale if i < start or i % 2 == 0 else 1.0
+
+
+def torch_linspace(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace in float32: the first half stepped from `start`, the second from `end` (its kernel's order)."""
+    if n == 1:
+        return np.array([start], np.float32)
+    step = np.float32((np.float32(end) - np.float32(start)) / np.float32(n - 1))
+    i = np.arange(n)
+    half = n // 2
+    out = np.where(i < half, np.float32(start) + step * i.astype(np.float32),
+                   np.float32(end) - step * (n - 1 - i).astype(np.float32))
+    return out.astype(np.float32)
+
+
+def image_scale(guidance_img: float, i: int, steps: int, sampler: dict, tokens_shape: tuple) -> np.float32 | np.ndarray:
+    """I2VDenoiser's image guidance at step i: oscillated (image_osci), then with scale_temporal_osci and a scale
+    above 1 a ramp from 1 at latent frame 0 to linspace(g, 1, steps + 1)[i] at the last, per packed token
+    ([1, N, 1] for tokens_shape (T, h/2, w/2))."""
+    g = oscillated(guidance_img, i, sampler["osci_from"]) if sampler["image_osci"] else guidance_img
+    if not (g > 1.0 and sampler["scale_temporal_osci"]):
+        return np.float32(g)
+    t, hh, ww = tokens_shape
+    upper = torch_linspace(g, 1.0, steps + 1)[i]
+    ramp = torch_linspace(1.0, float(upper), t)
+    return np.repeat(ramp, hh * ww).reshape(1, -1, 1)
+
+
+def condition(reference: np.ndarray | None, shape: tuple) -> np.ndarray:
+    """The packed condition [B, N, 4 (C + 1)]: mask || masked reference latents (prepare_inference_condition,
+    i2v_head: mask 1 and the reference at latent frame 0 when there is more than one latent frame; else zeros)."""
+    b, c, t, h, w = shape
+    cond = np.zeros((b, c + 1, t, h, w), np.float32)
+    if reference is not None and t > 1:
+        cond[:, 0, 0] = 1
+        cond[:, 1:, 0] = reference
+    return pack(cond)
 
 
 def _blend(a: np.ndarray, b: np.ndarray, extent: int, axis: int) -> np.ndarray:
@@ -121,13 +168,23 @@ class OpenSoraV2Pipeline(VideoPipeline):
     """Open-Sora 2.0 over `text_encoder` (T5), `text_encoder_2` (CLIP pooled), `transformer` and `vae_decoder`."""
 
     required = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
+    supports_image = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         s = self.settings
         self.sampler = dict(s["sampler"])
-        self.clip_tokenizer = PromptTokenizer(self.tokenizer_file, s["clip_length"], s["pad_token_id"],
-                                              None, s.get("text_vocab_size"))
+        clip_file = self.tokenizer_file if s.get("clip_tokenizer") is None else self.runtime_file(s["clip_tokenizer"])
+        self.clip_tokenizer = PromptTokenizer(clip_file, s["clip_length"], s.get("clip_pad_token_id", s["pad_token_id"]),
+                                              None, s.get("clip_vocab_size", s.get("text_vocab_size")))
+
+    def encode_image(self, pixels, shape, image_guidance, timings):
+        if "vae_encoder" not in self.engines:
+            raise DiffkilnError("image: these engines have no vae_encoder (built before image-to-video); rebuild "
+                                "them to generate from an image: diffkiln build MODEL OUT --overwrite")
+        ref = self._timed(timings, "vae_encoder", run_batched, self.engines["vae_encoder"], {"image": pixels[None]})
+        reference = np.repeat(ref.astype(np.float32), shape[0], 0)
+        return {"reference": reference, "packed_cond": condition(reference, shape), "guidance_img": image_guidance}
 
     # -- hooks ------------------------------------------------------------------------------------
     def latent_shape(self, batch, frames, height, width):
@@ -136,17 +193,23 @@ class OpenSoraV2Pipeline(VideoPipeline):
         return (batch, s["latent_channels"], (frames - 1) // ft + 1, height // f, width // f)
 
     def encode_prompt(self, prompts, negatives, guidance, timings):
-        guided = guidance > 1.0
-        texts = prompts + negatives if guided else prompts
+        """[prompts; negatives] through both text encoders (negatives always: image-to-video's passes use them)."""
+        texts = prompts + negatives
         hidden, _ = self.encode_text(texts, False, timings)
         ids, _ = self.clip_tokenizer.encode(texts)
         pooled = self._timed(timings, "text_encoder_2", run_batched, self.engines["text_encoder_2"], {"input_ids": ids})
-        return {"t5": hidden.astype(np.float32), "pooled": pooled.astype(np.float32), "guided": guided, "cfg": False}
+        return {"t5": hidden.astype(np.float32), "pooled": pooled.astype(np.float32), "guided": guidance > 1.0,
+                "cfg": False}
 
     def denoise(self, latents, cond, steps, guidance, rng, timings, callback, progress):
         self._sigmas = schedule(steps, latents.shape, self.sampler)
+        self._steps_n = steps
         cond = dict(cond, guidance=guidance)
-        return super().denoise(latents, cond, steps, guidance, rng, timings, callback, progress)
+        latents = super().denoise(latents, cond, steps, guidance, rng, timings, callback, progress)
+        if cond.get("reference") is not None:  # i2v_head: latent frame 0 is the reference's
+            latents = latents.copy()
+            latents[:, :, 0] = cond["reference"]
+        return latents
 
     def set_timesteps(self, scheduler, steps):
         scheduler.set_timesteps(sigmas=self._sigmas[:-1])
@@ -158,15 +221,27 @@ class OpenSoraV2Pipeline(VideoPipeline):
         b, c, frames, h, w = shape
         x = pack(model_in)
         zeros = np.zeros((b, x.shape[1], (c + 1) * PATCH * PATCH), np.float32)  # mask || masked reference: none
-        x = np.concatenate([x, zeros], -1)
-        n = 2 if cond["guided"] else 1
-        feeds = {"hidden_states": np.concatenate([x] * n), "encoder_hidden_states": cond["t5"],
-                 "pooled_projections": cond["pooled"], "timestep": np.full(n * b, self._sigmas[i], np.float32),
+        t5, pooled = cond["t5"], cond["pooled"]
+        g = oscillated(cond["guidance"], i, self.sampler["osci_from"]) if self.sampler["text_osci"] else cond["guidance"]
+        if "packed_cond" in cond:  # image-to-video: [text + cond, negative + cond, negative + no cond]
+            withc = np.concatenate([x, cond["packed_cond"]], -1)
+            hidden = np.concatenate([withc, withc, np.concatenate([x, zeros], -1)])
+            t5, pooled = np.concatenate([t5, t5[b:]]), np.concatenate([pooled, pooled[b:]])
+        else:  # text-to-video: the condition-free pass equals the negative one; without guidance the text alone
+            n = 2 if cond["guided"] else 1
+            hidden = np.concatenate([np.concatenate([x, zeros], -1)] * n)
+            t5, pooled = t5[: n * b], pooled[: n * b]
+        n = len(hidden) // b
+        feeds = {"hidden_states": hidden, "encoder_hidden_states": t5, "pooled_projections": pooled,
+                 "timestep": np.full(n * b, self._sigmas[i], np.float32),
                  "img_ids": image_ids(frames, h // PATCH, w // PATCH)}
         v = self._timed(timings, "transformer", self._transformer, feeds)
-        if cond["guided"]:
+        if n == 3:
+            text, neg, neg0 = np.split(v, 3)
+            gi = image_scale(cond["guidance_img"], i, self._steps_n, self.sampler, (frames, h // PATCH, w // PATCH))
+            v = neg0 + gi * (neg - neg0) + np.float32(g) * (text - neg)
+        elif n == 2:
             text, neg = np.split(v, 2)
-            g = oscillated(cond["guidance"], i, self.sampler["osci_from"]) if self.sampler["text_osci"] else cond["guidance"]
             v = neg + np.float32(g) * (text - neg)
         return unpack(v.astype(np.float32), shape)
 

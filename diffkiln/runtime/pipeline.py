@@ -198,6 +198,14 @@ class EnginePipeline:
             return self.tokenizer.select(hidden, mask)
         return hidden, mask
 
+    def runtime_file(self, rel: str) -> Path:
+        """Another runtime file of this engine directory (e.g. tokenizer_2.json), beside tokenizer.json: listed in
+        the manifest, inside the directory, a regular file (its hash was checked when the directory was opened)."""
+        from diffkiln.manifest import path_of, read_manifest
+
+        root = self.tokenizer_file.parent
+        return path_of(root, rel, read_manifest(root, verify=False))
+
     def _timed(self, timings: dict, stage: str, fn, *args):
         start = time.perf_counter()
         out = fn(*args)

@@ -5,7 +5,10 @@ A family's subclass (`VIDEO_PIPELINES`) reproduces its diffusers pipeline by imp
     predict(model_in, t, cond, timings) -> noise             its denoiser engine call (the loop is shared:
                                                              `EnginePipeline.denoise`)
     decode(latents, frames, timings) -> [B, F, H, W, 3] float32 in [0, 1]
-and may override initial_latents / encode_prompt / guidance_at.
+and may override initial_latents / encode_prompt / guidance_at. Families that condition on a first frame
+(image-to-video: `supports_image`) implement
+    encode_image(pixels, shape, image_guidance, timings) -> dict   merged into the conditioning
+where `pixels` is the reference image as [3, H, W] float32 in [-1, 1] at the request size (`reference_pixels`).
 Like the image runtime it imports nothing from torch, diffusers or transformers.
 
 pipeline.json of a video family holds, besides what the image runtime reads: "frames" (the valid
@@ -79,9 +82,16 @@ class VideoPipeline(EnginePipeline):
         output_type: str = "np",
         callback: Callable[[int, float, np.ndarray], None] | None = None,
         progress: bool = False,
+        image=None,
+        image_guidance_scale: float | None = None,
     ) -> VideoOutput:
         """Generate one video per prompt. `seed` makes it reproducible on any install and backend:
-        the initial latents come from `numpy.random.Generator(numpy.random.PCG64(seed))`."""
+        the initial latents come from `numpy.random.Generator(numpy.random.PCG64(seed))`.
+
+        `image` (families with `supports_image`): the first frame, an [H, W, 3] RGB array (uint8, or float in
+        [0, 1]; [H, W] gray and [H, W, 4] RGBA are converted as PIL's convert("RGB") does) or a PIL image, resized
+        and center-cropped to the request size (`reference_pixels`); `image_guidance_scale` overrides the model's
+        image guidance (pipeline.json defaults.guidance_img)."""
         d = self.settings.defaults
         frames = d["num_frames"] if num_frames is None else num_frames
         r = self.request(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, frames=frames)
@@ -91,6 +101,8 @@ class VideoPipeline(EnginePipeline):
             raise DiffkilnError(f"output_type={output_type!r}; expected 'np' or 'latent'")
         check_frames(self.settings["frames"], frames)
         self.check_size(height, width)
+        image_guidance = self._image_request(image, image_guidance_scale)
+        pixels = None if image is None else reference_pixels(image, height, width)
         rng, seed = self._rng(seed, generator)
         shape = tuple(self.latent_shape(len(prompts), frames, height, width))
         if latents is None:
@@ -100,6 +112,8 @@ class VideoPipeline(EnginePipeline):
         timings: dict[str, list[float]] = {}
         start = time.perf_counter()
         cond = self.encode_prompt(prompts, negatives, guidance, timings)
+        if pixels is not None:
+            cond.update(self.encode_image(pixels, shape, image_guidance, timings))
         latents = self.denoise(latents.astype(np.float32), cond, steps, guidance, rng, timings, callback, progress)
         out = latents if output_type == "latent" else self.decode(latents, frames, timings)
         timings["total"] = [time.perf_counter() - start]
@@ -112,7 +126,27 @@ class VideoPipeline(EnginePipeline):
 
         return set_lora(self, path, spatial_scale, temporal_scale, submodel=self.settings.denoiser)
 
+    supports_image = False  # image-to-video (a reference first frame)
+
+    def _image_request(self, image, scale) -> float | None:
+        """The image guidance scale of an image-to-video request (None for text-to-video), checked."""
+        family = self.settings.family
+        if image is None:
+            if scale is not None:
+                raise DiffkilnError(f"image_guidance_scale={scale!r} applies with an image (image-to-video)")
+            return None
+        if not self.supports_image:
+            raise DiffkilnError(f"image: the {family} model generates from text only; image-to-video needs an "
+                                f"open-sora-v2 engine directory")
+        scale = self.settings.defaults.get("guidance_img", 1.0) if scale is None else scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not np.isfinite(scale):
+            raise DiffkilnError(f"image_guidance_scale={scale!r}; expected a finite number")
+        return float(scale)
+
     # -- hooks ----------------------------------------------------------------------------------
+    def encode_image(self, pixels: np.ndarray, shape: tuple, image_guidance: float, timings: dict) -> dict:
+        raise NotImplementedError
+
     def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple:
         raise NotImplementedError
 
@@ -131,6 +165,86 @@ class VideoPipeline(EnginePipeline):
 
     def decode(self, latents: np.ndarray, frames: int, timings: dict) -> np.ndarray:
         raise NotImplementedError
+
+
+MAX_RESIZE_PIXELS = 1 << 26  # the resized image before the crop (an extreme aspect ratio would need more)
+
+
+def _rgb(image) -> np.ndarray:
+    """An image argument -> [H, W, 3] uint8 or float32 in [0, 1] (PIL images and arrays; gray / RGBA converted as
+    PIL's convert("RGB"): gray replicated, alpha dropped)."""
+    if type(image).__module__.startswith("PIL."):
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise DiffkilnError(f"image: expected an [H, W, 3] RGB array or a PIL image, got {type(image).__name__}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, 2)
+    elif image.ndim == 3 and image.shape[2] in (1, 3, 4):
+        image = np.repeat(image, 3, 2) if image.shape[2] == 1 else image[:, :, :3]
+    else:
+        raise DiffkilnError(f"image: shape {image.shape}; expected [H, W, 3] RGB (or [H, W] gray, [H, W, 4] RGBA)")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise DiffkilnError(f"image: shape {image.shape} has no pixels")
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype.kind != "f":
+        raise DiffkilnError(f"image: dtype {image.dtype}; expected uint8 (0..255) or float in [0, 1]")
+    image = image.astype(np.float32)
+    if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+        raise DiffkilnError("image: float pixels must be finite and in [0, 1]")
+    return image
+
+
+def reference_pixels(image, height: int, width: int) -> np.ndarray:
+    """A first frame as Open-Sora reads it (opensora/datasets/utils.py read_image_from_path, transform
+    "resize_crop": resize_crop_to_fill then ToTensor and Normalize(0.5, 0.5)): scaled (bicubic) to cover
+    height x width with the aspect ratio kept, center-cropped, -> [3, height, width] float32 in [-1, 1]. An image
+    already of the request size is used as is (no resampling)."""
+    rgb = _rgb(image)
+    h, w = rgb.shape[:2]
+    if (h, w) != (height, width):
+        rh, rw = height / h, width / w
+        sh, sw = (height, round(w * rh)) if rh > rw else (round(h * rw), width)
+        if sh * sw > MAX_RESIZE_PIXELS:
+            raise DiffkilnError(f"image: {w}x{h} px (width x height) would be scaled to {sw}x{sh} to cover the "
+                                f"{width}x{height} request; its aspect ratio is too far from the request's")
+        try:
+            from PIL import Image
+        except ImportError:
+            raise DiffkilnError(f"image: {w}x{h} px needs resizing to {width}x{height} and Pillow is not installed; "
+                                f"pass an image of the request size or install pillow") from None
+        if rgb.dtype == np.uint8:
+            big = np.asarray(Image.fromarray(rgb).resize((sw, sh), Image.BICUBIC)).astype(np.float32) / 255
+        else:  # float pixels: each channel resized in PIL's float mode (no 8-bit rounding)
+            big = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:, :, c])).resize((sw, sh), Image.BICUBIC))
+                            for c in range(3)], -1)
+        i, j = round((sh - height) / 2.0), round((sw - width) / 2.0)
+        rgb = big[i:i + height, j:j + width]
+    else:
+        rgb = rgb.astype(np.float32) / 255 if rgb.dtype == np.uint8 else rgb
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1) * 2 - 1).astype(np.float32)
+
+
+def read_image_file(path) -> np.ndarray:
+    """A PNG / JPEG (any format Pillow reads) -> [H, W, 3] uint8, converted to RGB as Open-Sora's pil_loader does;
+    a missing, unreadable or non-image file is one clear error."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DiffkilnError(f"image {path}: reading image files needs Pillow (pip install pillow)") from None
+    path = Path(path)
+    if not path.is_file():
+        raise DiffkilnError(f"image {path}: {'a directory' if path.is_dir() else 'no such file'}; expected a PNG or "
+                            "JPEG file")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:
+        raise DiffkilnError(f"image {path}: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        size = path.stat().st_size
+        what = "an empty file" if size == 0 else f"not a readable image ({' '.join(str(e).split())[:120]})"
+        raise DiffkilnError(f"image {path}: {what}; expected a PNG or JPEG file") from None
 
 
 def video_pipeline_class(family: str) -> type[VideoPipeline]:
