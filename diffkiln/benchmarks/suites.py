@@ -69,10 +69,13 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           ("tiny-t2v-ms", "tiny-cogvideox", "tiny-sana-video"), (("onnxruntime", "fp32", "cpu"),), (), (2,), repeats=2,
           video_sizes=(("tiny-t2v-ms", (32, 32, 8)), ("tiny-cogvideox", (32, 32, 9)), ("tiny-sana-video", (32, 32, 9)))),
     Suite("gpu-video", "real video architectures (random weights) at their native sizes on one GPU, 20 steps",
-          ("text-to-video-ms-1.7b", "cogvideox-2b", "sana-video-2b"),
+          ("text-to-video-ms-1.7b", "cogvideox-2b", "sana-video-2b", "videocrafter2", "open-sora-v2"),
           (("aoti", "bf16", "cuda"), ("tensorrt", "fp16", "cuda")), (), (20,), repeats=3, needs_gpu=True,
+          # open-sora-v2: 256 px, 65 frames (17 latent frames x 16 x 16 patches = 4352 tokens + 512 text tokens);
+          # its 11.9 B transformer is 23.8 GB in bf16 and T5-XXL 9.5 GB: one H200 (139 GiB) holds both
           video_sizes=(("text-to-video-ms-1.7b", (256, 256, 16)), ("cogvideox-2b", (480, 720, 49)),
-                       ("sana-video-2b", (480, 832, 81))),
+                       ("sana-video-2b", (480, 832, 81)), ("videocrafter2", (320, 512, 16)),
+                       ("open-sora-v2", (256, 256, 65))),
           notes="TensorRT-RTX has no SM90 target: on H100/H200 only full TensorRT builds there"),
 ]}
 
