@@ -110,7 +110,7 @@ class OpenSoraV2Model(FamilyModel):
     COMPONENTS = (
         Component("text_encoder", "text_encoder", "transformers.T5EncoderModel", "transformers.T5Config"),
         Component("text_encoder_2", "text_encoder_2", "transformers.CLIPTextModel", "transformers.CLIPTextConfig",
-                  seed_offset=3),
+                  seed_offset=3, kwargs=(("attn_implementation", "eager"),)),  # SDPA's fp16 export mixes dtypes
         Component.denoiser("diffusers.FluxTransformer2DModel"),
         Component("vae", "vae_decoder", "diffusers.AutoencoderKLHunyuanVideo", seed_offset=2, extra=("vae_encoder",)),
     )
