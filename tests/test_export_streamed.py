@@ -21,7 +21,7 @@ def exported(request, tmp_path_factory):
     from safetensors.torch import save_file
 
     from diffkiln.export.onnx import export_onnx
-    from diffkiln.export.streamed import SafetensorsSource, export_streamed, meta_submodel
+    from diffkiln.export.streamed import SafetensorsSource, meta_submodel
     from diffkiln.models.registry import load_model
 
     preset, name = CASES[request.param]
@@ -33,8 +33,10 @@ def exported(request, tmp_path_factory):
     assert all(p.is_meta for p in meta.module.parameters())
     (tmp / "streamed").mkdir()
     (tmp / "memory").mkdir()
-    facts = export_streamed(meta, tmp / "streamed" / f"{name}.onnx",
-                            SafetensorsSource(tmp / "weights.safetensors", prefix=f"{name}."))
+    # export_onnx hands a meta module and its weight source to export_streamed
+    facts = export_onnx(meta, tmp / "streamed" / f"{name}.onnx",
+                        weights=SafetensorsSource(tmp / "weights.safetensors", prefix=f"{name}."))
+    assert facts["streamed"] and facts["files"] == [f"{name}.onnx", f"{name}.onnx.data"]
     export_onnx(real, tmp / "memory" / f"{name}.onnx")
     return real, meta, tmp / "streamed" / f"{name}.onnx", tmp / "memory" / f"{name}.onnx", facts
 

@@ -49,14 +49,23 @@ def _param_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool | None = None) -> dict:
+def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool | None = None, weights=None) -> dict:
     """Trace `sub` at its first parity shape and write `path` (+ `path.data` when large).
 
+    A module on the meta device, or one given `weights` (a source: `diffkiln.export.streamed`), or one whose weights
+    exceed EXTERNAL_DATA_BYTES goes through the streamed exporter (`export_streamed`): parameters traced as graph
+    inputs, each written into the data file from its source (default: the module's own tensors), so host memory
+    holds the module at most once (the in-memory exporter peaked at 15 GB for a 2.4 GB fp32 model).
     Returns facts for the manifest: files written, export seconds, node counts, external data.
     """
     import onnx
     import torch
 
+    meta = any(p.is_meta for p in sub.module.parameters())
+    if weights is not None or meta or (_param_bytes(sub.module) > EXTERNAL_DATA_BYTES and fold is not True):
+        from diffkiln.export.streamed import export_streamed
+
+        return export_streamed(sub, Path(path), weights, opset)
     spec = sub.spec
     feeds = sub.sample(sub.shapes[0], 0)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)  # float32 I/O; the wrapper casts

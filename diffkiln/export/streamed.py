@@ -157,9 +157,20 @@ def stand_ins(module):
                     made[id(t)] = torch.nn.Parameter(view, requires_grad=False) if store is m._parameters else view
                 saved.append((store, k, t))
                 store[k] = made[id(t)]
+    # After tracing, the exporter takes the parameter values from `torch.jit._unique_state_dict(model)` for its ONNX
+    # shape inference, which copies every constant it can compute (a transposed weight: the full tensor). Values on
+    # the meta device cost nothing there; the tracer's own call (keep_vars=True) still gets the stand-ins.
+    unique = torch.jit._unique_state_dict
+
+    def meta_values(m, keep_vars=False):
+        state = unique(m, keep_vars=keep_vars)
+        return state if keep_vars else {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+
+    torch.jit._unique_state_dict = meta_values
     try:
         yield
     finally:
+        torch.jit._unique_state_dict = unique
         for store, k, t in saved:
             store[k] = t
 
