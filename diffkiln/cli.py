@@ -264,6 +264,10 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    if args.family == "open-sora-v2-lora":
+        return _convert_lora(args)
+    if args.head_dim is not None:
+        raise DiffkilnError(f"--head-dim applies to convert open-sora-v2-lora, not {args.family}")
     if args.family == "open-sora-v2":
         from diffkiln.models.convert_open_sora import convert
     else:
@@ -271,6 +275,17 @@ def cmd_convert(args) -> None:
 
     out = convert(args.src, args.out, base=args.base, overwrite=args.overwrite)
     print(f"wrote {out} (a {args.family} diffusers folder; build it: diffkiln build {out} ENGINES/)")
+
+
+def _convert_lora(args) -> None:
+    from diffkiln.lora.open_sora import convert_lora_file
+
+    if args.base is not None:
+        raise DiffkilnError("--base applies to convert videocrafter2 / open-sora-v2, not open-sora-v2-lora")
+    out = convert_lora_file(args.src, args.out, head_dim=128 if args.head_dim is None else args.head_dim,
+                            overwrite=args.overwrite)
+    print(f"wrote {out} (a Flux-layout LoRA for open-sora-v2; apply it: diffkiln generate --engines ENGINES "
+          f"--lora {out} ...)")
 
 
 def cmd_demo(args) -> None:
@@ -528,10 +543,14 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("engines")
     sp.set_defaults(fn=cmd_inspect)
 
-    sp = sub.add_parser("convert", help="convert an original checkpoint (safetensors) into a diffusers folder")
-    sp.add_argument("family", choices=["videocrafter2", "open-sora-v2"])
-    sp.add_argument("src", help="SRC.safetensors: the original state dict (pickles are refused)")
-    sp.add_argument("out", help="the diffusers folder to write")
+    sp = sub.add_parser("convert", help="convert an original checkpoint (safetensors) into a diffusers folder, or an "
+                        "Open-Sora 2.0 LoRA in its original layout into a Flux-layout LoRA file")
+    sp.add_argument("family", choices=["videocrafter2", "open-sora-v2", "open-sora-v2-lora"])
+    sp.add_argument("src", help="SRC.safetensors: the original state dict, or (open-sora-v2-lora) Open-Sora's PEFT adapter "
+                    "with its adapter_config.json beside it (pickles are refused)")
+    sp.add_argument("out", help="the diffusers folder to write, or (open-sora-v2-lora) the OUT.safetensors LoRA file")
+    sp.add_argument("--head-dim", type=int, default=None, help="open-sora-v2-lora: the MMDiT's attention head size "
+                    "(default 128, open-sora-v2's)")
     sp.add_argument("--base", default=None, help="videocrafter2 (required): a text-to-video-ms (ModelScope) or videocrafter2 "
                     "diffusers folder: tokenizer, scheduler, and the VAE / text encoder SRC does not hold; open-sora-v2 "
                     "(optional): an open-sora-v2 folder or preset giving the rest of a pipeline folder (without it: "

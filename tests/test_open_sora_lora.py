@@ -17,14 +17,17 @@ ORIGINAL_ATOL = 1e-5
 EFFECT_MIN = 0.05
 
 
+PROMPT, NEGATIVE = "a red cat runs", "a blue dog"
+
+
 @pytest.fixture(scope="module")
 def model():
     import torch
 
-    from diffkiln.models.open_sora import load_model
+    from diffkiln.models.registry import load_model
 
     torch.set_num_threads(1)
-    return load_model("tiny-open-sora-v2", ["transformer"])
+    return load_model("tiny-open-sora-v2")  # every submodel: the eager reference pipeline runs on it
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +36,20 @@ def sub(model):
 
 
 @pytest.fixture(scope="module")
-def engine(model, sub, tmp_path_factory):
-    from diffkiln.engines.build import export_pipeline
-    from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
+def engines(tmp_path_factory):
+    """One ONNX Runtime engine directory of tiny-open-sora-v2 (same seeded weights as `model`), shared by the tests."""
+    from diffkiln.engines.build import build
 
     out = tmp_path_factory.mktemp("osv2") / "engines"
-    export_pipeline(model, out, threads=1)
-    return OnnxRuntimeEngine(out / "transformer.onnx", sub.spec, threads=1)
+    build("tiny-open-sora-v2", out, backend="onnxruntime")
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(engines, sub):
+    from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine(engines / "transformer.onnx", sub.spec, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +89,39 @@ def test_flux_lora_on_engine_matches_diffusers(model, sub, engine, flux_lora):
     m = lora.modules[0]  # a pair that does not fit its weight is refused, naming the key
     with pytest.raises(DiffkilnError, match=r"lora_A.*should have shape"):
         set_lora(engine, Lora([LoraModule(m.name, m.down[:, :-1], m.up, None, m.keys, m.source)]), "transformer", 1, 1)
+
+
+def test_flux_lora_through_video_pipeline_matches_eager_fused(model, engines, flux_lora):
+    """The video pipeline's LoRA path (`set_lora`, what `generate --lora` calls) on tiny-open-sora-v2 ONNX Runtime
+    engines: 5 frames at 32x32, 3 steps, CFG 7.5, same initial noise -> latents and decoded video vs the eager
+    reference pipeline (models/open_sora_pipeline.py) with the LoRA fused into its torch transformer by diffusers;
+    `set_lora(None)` restores the exported weights exactly."""
+    from diffkiln.lora.reference import diffusers_lora_transformer
+    from diffkiln.runtime.video import load_video_pipeline
+
+    pipe = load_video_pipeline(engines)
+    latents = np.random.default_rng(4).standard_normal(pipe.latent_shape(1, 5, 32, 32), dtype=np.float32)
+    kw = {"negative_prompt": NEGATIVE, "num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 3,
+          "latents": latents}
+    base = pipe(PROMPT, output_type="latent", **kw).frames
+    scale = 0.7
+    info = pipe.set_lora(str(flux_lora), scale, 1.0)
+    assert info["lora"]["weights_replaced"] == 17 and info["lora"]["spatial_scale"] == scale
+    z = pipe(PROMPT, output_type="latent", **kw).frames
+    video = pipe(PROMPT, **kw).frames
+    eager = model.diffusers_pipeline()
+    eager.transformer = diffusers_lora_transformer(model.transformer, {"s": (flux_lora, 1.0)}, fuse_scale=scale)
+    ref_z = eager(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=7.5, latents=latents,
+                  output_type="latent")
+    ref_video = eager.decode(ref_z, 5)
+    err_z, err_v, effect = np.abs(z - ref_z).max(), np.abs(video - ref_video).max(), np.abs(ref_z - base).max()
+    print(f"open-sora-v2 pipeline + Flux LoRA (scale {scale}): latents max abs {err_z:.2e}, video max abs "
+          f"{err_v:.2e}, LoRA effect on latents {effect:.2f}")
+    assert video.shape == (1, 5, 32, 32, 3)
+    assert effect > EFFECT_MIN
+    assert err_z <= PARITY_ATOL and err_v <= PARITY_ATOL, (err_z, err_v)
+    pipe.set_lora(None)
+    assert np.array_equal(pipe(PROMPT, output_type="latent", **kw).frames, base)
 
 
 # -- Open-Sora's original layout -------------------------------------------------------------------------------
@@ -153,7 +196,8 @@ def test_original_layout_lora_matches_original_math(original, tmp_path):
     from diffkiln.lora.reference import torch_weight_shapes, with_deltas
 
     ref, flux, src, targets, config = original
-    with pytest.raises(DiffkilnError, match=r"Open-Sora 2.0 LoRA in its original key layout.*convert_lora_file"):
+    with pytest.raises(DiffkilnError, match=r"Open-Sora 2.0 LoRA in its original key layout.*diffkiln convert "
+                       r"open-sora-v2-lora SRC.safetensors OUT.safetensors --head-dim 128"):
         read_lora(src)
     out = convert_lora_file(src, tmp_path / "flux.safetensors", head_dim=32)
     want, _ = run_ref(merged_original(ref, src, config), None)
@@ -195,3 +239,66 @@ def test_fused_original_modules_convert_like_split_ones():
     for name in want:
         for x, y in zip(fused[name], want[name]):
             np.testing.assert_array_equal(x, y)
+
+
+# -- the CLI verb: diffkiln convert open-sora-v2-lora ------------------------------------------------------------
+def _tensors(path):
+    from diffkiln.lora.safetensors_np import read_safetensors
+
+    return read_safetensors(path)[0]
+
+
+def test_cli_converts_and_the_file_applies(original, tmp_path, capsys):
+    """`diffkiln convert open-sora-v2-lora SRC OUT --head-dim 32` writes what convert_lora_file writes, and the
+    file applies: read_lora + deltas on the converted transformer == the original math with the LoRA merged."""
+    from diffkiln.cli import main
+    from diffkiln.lora.format import lora_deltas, read_lora
+    from diffkiln.lora.open_sora import convert_lora_file
+    from diffkiln.lora.reference import torch_weight_shapes, with_deltas
+
+    ref, flux, src, _targets, config = original
+    out = tmp_path / "flux.safetensors"
+    assert main(["convert", "open-sora-v2-lora", str(src), str(out), "--head-dim", "32"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    want_file = convert_lora_file(src, tmp_path / "api.safetensors", head_dim=32)
+    got, want = _tensors(out), _tensors(want_file)
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert list(tmp_path.iterdir()) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+    merged, _ = run_ref(merged_original(ref, src, config), None)
+    _, applied = run_ref(None, with_deltas(flux, lora_deltas(read_lora(out), torch_weight_shapes(flux))))
+    err = (applied - merged).abs().max().item()
+    print(f"CLI-converted LoRA applied vs the original math: max abs {err:.2e}")
+    assert err <= ORIGINAL_ATOL
+
+
+def _cli_error(argv, capsys) -> str:
+    from diffkiln.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffkiln: error:") and "\n" not in err
+    return err
+
+
+def test_cli_refuses_missing_pickle_and_existing_out(original, tmp_path, capsys):
+    src = original[2]
+    out = tmp_path / "out.safetensors"
+    verb = ["convert", "open-sora-v2-lora"]
+    assert "missing.safetensors: no such file" in _cli_error(verb + [str(tmp_path / "missing.safetensors"), str(out)],
+                                                              capsys)
+    pickle = tmp_path / "adapter_model.bin"
+    pickle.write_bytes(b"\x80\x04K\x01.")  # a pickle stream: refused by its suffix, never opened
+    assert "pickle checkpoints are refused" in _cli_error(verb + [str(pickle), str(out)], capsys)
+    out.write_bytes(b"keep me")
+    assert "exists; pass --overwrite" in _cli_error(verb + [str(src), str(out)], capsys)
+    assert out.read_bytes() == b"keep me"
+    assert "--base applies to" in _cli_error(verb + [str(src), str(out), "--base", "tiny-open-sora-v2"], capsys)
+    assert "--head-dim applies to" in _cli_error(["convert", "open-sora-v2", str(src), str(tmp_path / "d"),
+                                                  "--head-dim", "64"], capsys)
+    assert "expected an even attention head size" in _cli_error(verb + [str(src), str(out), "--overwrite",
+                                                                        "--head-dim", "7"], capsys)
+    assert out.read_bytes() == b"keep me"
+    from diffkiln.cli import main
+
+    assert main(verb + [str(src), str(out), "--overwrite", "--head-dim", "32"]) == 0
+    assert len(_tensors(out)) > 0

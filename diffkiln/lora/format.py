@@ -140,12 +140,11 @@ def read_lora(paths, component: str = COMPONENT) -> Lora:
     configs = {}
     for path in map(Path, paths):
         tensors, meta = read_safetensors(path)
-        from diffkiln.lora.open_sora import is_original_layout
+        from diffkiln.lora.open_sora import CONVERT_COMMAND, is_original_layout
 
         if is_original_layout(tensors):
             raise DiffkilnError(f"{path}: an Open-Sora 2.0 LoRA in its original key layout ({next(iter(tensors))!r}); "
-                                f"convert it to the diffusers Flux layout first: diffkiln.lora.open_sora."
-                                f"convert_lora_file(SRC, OUT, head_dim=128)")
+                                f"convert it to the diffusers Flux layout first: {CONVERT_COMMAND}")
         conf = _config(meta, path)
         configs[str(path)] = conf
         pairs: dict[str, dict] = {}

@@ -178,12 +178,32 @@ def read_original(path: str | Path) -> tuple[dict, dict]:
     return {m: (s["A"], s["B"]) for m, s in pairs.items()}, config
 
 
-def convert_lora_file(src: str | Path, out: str | Path, head_dim: int = 128) -> Path:
+CONVERT_COMMAND = "diffkiln convert open-sora-v2-lora SRC.safetensors OUT.safetensors --head-dim 128"
+
+
+def convert_lora_file(src: str | Path, out: str | Path, head_dim: int = 128, overwrite: bool = False) -> Path:
     """Open-Sora LoRA (original layout, + adapter_config.json beside it) -> a diffusers-layout Flux LoRA file that
     `diffkiln generate --lora` and `set_lora` read (`transformer.<module>.lora_A/B.weight`, `.alpha` = rank).
-    `head_dim`: the MMDiT's attention head size (128 for open-sora-v2)."""
+    `head_dim`: the MMDiT's attention head size (128 for open-sora-v2). An existing `out` is kept unless
+    `overwrite`; the file is written atomically. CLI: `diffkiln convert open-sora-v2-lora SRC OUT`."""
     from safetensors.numpy import save
 
+    from diffkiln.models.convert_videocrafter2 import PICKLE_SUFFIXES, pickle_refusal
+
+    src, out = Path(src), Path(out)
+    refusals = ((src.suffix.lower() in PICKLE_SUFFIXES, lambda: pickle_refusal(src)),
+                (src.suffix.lower() != ".safetensors",
+                 lambda: f"{src}: expected a .safetensors file (an Open-Sora PEFT adapter, adapter_model.safetensors)"),
+                (not src.is_file(), lambda: f"{src}: no such file"),
+                (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2,
+                 lambda: f"head_dim={head_dim!r}; expected an even attention head size >= 2 (open-sora-v2: 128)"),
+                (out.suffix.lower() != ".safetensors", lambda: f"{out}: the output must end in .safetensors"),
+                (out.is_dir(), lambda: f"{out} is a directory; expected the .safetensors file to write"),
+                (out.exists() and not overwrite, lambda: f"{out} exists; pass --overwrite to replace it"),
+                (out.resolve() == src.resolve(), lambda: f"{out} is the source file; write the conversion elsewhere"))
+    for refused, message in refusals:
+        if refused:
+            raise DiffkilnError(message())
     pairs, config = read_original(src)
     converted = convert_pairs(pairs, config, head_dim)
     tensors = {}
@@ -192,6 +212,5 @@ def convert_lora_file(src: str | Path, out: str | Path, head_dim: int = 128) -> 
         tensors[f"transformer.{name}.lora_B.weight"] = np.ascontiguousarray(b, np.float32)
         tensors[f"transformer.{name}.alpha"] = np.array(float(a.shape[0]), np.float32)
     meta = {"diffkiln_converted_from": json.dumps({"file": Path(src).name, "layout": "open-sora-v2", "head_dim": head_dim})}
-    out = Path(out)
     atomic_write_bytes(out, save(tensors, metadata=meta))
     return out
