@@ -40,7 +40,7 @@ class Worker:
         return {"record": np.array(out, dtype=object)}
 
     def one(self, job: dict) -> dict:
-        from diffkiln.serve.engine import IMAGE_FIELDS, VIDEO_FIELDS, parse_body
+        from diffkiln.serve.engine import I2V_FIELDS, IMAGE_FIELDS, VIDEO_FIELDS, image_from_file, parse_body
 
         e = self.engine
         lora = (job.get("lora"), float(job.get("lora_spatial_scale", 1.0)), float(job.get("lora_temporal_scale", 1.0)))
@@ -51,8 +51,8 @@ class Worker:
             e.pipe.set_lora([lora[0]] if lora[0] else None, lora[1], lora[2])
             self.lora = lora
         lora_s = time.perf_counter() - start
-        fields = IMAGE_FIELDS if e.kind == "image" else VIDEO_FIELDS
-        j = e.check(parse_body({k: v for k, v in job.items() if k in fields}, e.kind))
+        fields = {*(IMAGE_FIELDS if e.kind == "image" else VIDEO_FIELDS), *I2V_FIELDS}  # image: refused for images
+        j = e.check(parse_body({k: v for k, v in job.items() if k in fields}, e.kind), read_image=image_from_file)
         r = e.run([j])[0]
         path = self.outdir / f"{job['id']}.{'mp4' if e.video else 'png'}"
         if e.video:
@@ -69,6 +69,8 @@ class Worker:
         if e.video:
             settings.update(num_frames=j.frames, fps=j.fps, lora=lora[0], lora_spatial_scale=lora[1],
                             lora_temporal_scale=lora[2])
+            if j.image is not None:
+                settings.update(image=job["image"], image_sha256=j.image_sha256, image_guidance_scale=j.image_guidance)
         return {"id": job["id"], "job": job, "settings": settings, "seed": j.seed, "file": path.name,
                 "sha256": sha256_file(path), "timings": dict(r["timings"], lora_switch_s=round(lora_s, 6),
                                                                total_s=round(time.perf_counter() - start, 6))}

@@ -1,18 +1,25 @@
 """Requests over one runtime pipeline, for the server and the batch runner (no Ray here).
 
 A request is checked before any work (`Engine.check`: the pipeline's own request checks, so a bad one gets the same
-one-line DiffkilnError the CLI prints). Requests with the same `key` (kind, size, steps, guidance, frames) run as ONE
-denoising call: their prompts stacked along the batch axis and their initial latents -- each drawn from
+one-line DiffkilnError the CLI prints). Requests with the same `key` (kind, size, steps, guidance, frames, and for
+image-to-video the reference image's sha256 and the image guidance) run as ONE denoising call: their prompts stacked along the batch axis and their initial latents -- each drawn from
 PCG64(its seed) exactly as `Pipeline(seed=...)` draws them -- stacked too. The text encoder and denoiser engines give
 the same rows at any batch size; the VAE decoder does not (ONNX Runtime's convolutions differ by ~6e-7 between batch
 sizes), so each request's outputs are decoded alone, as a call with that request alone decodes them. Every output is therefore identical to
 `diffkiln generate --seed` / the Python API with that seed. Schedulers that draw per-step noise (SANA-Sprint's)
 draw it from one generator per call, so those requests never share a call.
+
+Image-to-video (families with `supports_image`, Open-Sora 2.0): a video request may carry "image" (the first frame:
+base64 PNG / JPEG for the server, read by `image_from_b64`; a file path for batch jobs, `image_from_file`) and
+"image_guidance". Requests share a call only when their image bytes hash the same, so the one reference the pipeline
+encodes for the call is every request's own.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import io
 import tempfile
 import time
@@ -26,7 +33,9 @@ from diffkiln.errors import DiffkilnError
 IMAGE_FIELDS = {"prompt": None, "negative_prompt": "", "num_inference_steps": None, "guidance_scale": None,
                 "seed": None, "height": None, "width": None, "num_images": 1}
 VIDEO_FIELDS = {"prompt": None, "negative_prompt": "", "num_inference_steps": None, "guidance_scale": None,
-                "seed": None, "height": None, "width": None, "num_frames": None, "fps": None}
+                "seed": None, "height": None, "width": None, "num_frames": None, "fps": None, "image": None,
+                "image_guidance": None}
+I2V_FIELDS = ("image", "image_guidance")
 
 
 @dataclass
@@ -43,11 +52,15 @@ class Job:
     count: int = 1
     frames: int | None = None
     fps: float | None = None
+    image: np.ndarray | None = None  # image-to-video: the first frame, [H, W, 3] uint8 as decoded
+    image_sha256: str | None = None  # of the image's bytes (the file / the decoded base64)
+    image_guidance: float | None = None  # resolved (the model's default when the request gave none)
     received: float = field(default_factory=time.perf_counter)
 
     @property
     def key(self) -> tuple:
-        return (self.kind, self.height, self.width, self.steps, self.guidance, self.frames)
+        return (self.kind, self.height, self.width, self.steps, self.guidance, self.frames, self.image_sha256,
+                self.image_guidance)
 
 
 def parse_body(body, kind: str) -> dict:
@@ -55,6 +68,9 @@ def parse_body(body, kind: str) -> dict:
     allowed = IMAGE_FIELDS if kind == "image" else VIDEO_FIELDS
     if not isinstance(body, dict):
         raise DiffkilnError(f"request body: expected a JSON object, got {type(body).__name__}")
+    if kind == "image" and any(k in body for k in I2V_FIELDS):
+        raise DiffkilnError("image / image_guidance: image models generate from text only; image-to-video is a video "
+                            "request (POST /v1/videos) to an open-sora-v2 engine directory")
     unknown = sorted(set(body) - set(allowed))
     if unknown:
         raise DiffkilnError(f"unknown field {unknown[0]!r} in {'an' if kind == 'image' else 'a'} {kind} request; allowed: {', '.join(allowed)}")
@@ -63,6 +79,60 @@ def parse_body(body, kind: str) -> dict:
     if not isinstance(body["prompt"], str) or not isinstance(body.get("negative_prompt", ""), str):
         raise DiffkilnError("prompt / negative_prompt: expected one string per request")
     return {k: body.get(k, d) for k, d in allowed.items()}
+
+
+def image_from_bytes(data: bytes, where: str) -> np.ndarray:
+    """PNG / JPEG bytes -> [H, W, 3] uint8, as runtime.video.read_image_file reads a file (convert("RGB")), with
+    its one-line messages; at most MAX_RESIZE_PIXELS pixels (a small compressed image must not expand into GBs)."""
+    from PIL import Image
+
+    from diffkiln.runtime.video import MAX_RESIZE_PIXELS
+
+    if not data:
+        raise DiffkilnError(f"{where}: empty; expected a PNG or JPEG file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > MAX_RESIZE_PIXELS:
+                raise DiffkilnError(f"{where}: {w}x{h} px (width x height); at most {MAX_RESIZE_PIXELS} pixels")
+            return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:
+        raise DiffkilnError(f"{where}: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise DiffkilnError(f"{where}: not a readable image ({' '.join(str(e).split())[:120]}); expected a PNG or "
+                            "JPEG file") from None
+
+
+def image_from_b64(text) -> tuple[np.ndarray, str]:
+    """A request's "image": base64 of PNG / JPEG bytes (whitespace ignored; a data: URL accepted) -> (pixels,
+    sha256 of the bytes)."""
+    where = "image (base64 in the request)"
+    if not isinstance(text, str):
+        raise DiffkilnError(f"{where}: expected a string of base64 PNG or JPEG bytes, got {type(text).__name__}")
+    s = "".join(text.split())
+    if s.startswith("data:"):
+        head, _, s = s.partition(",")
+        if not head.endswith(";base64"):
+            raise DiffkilnError(f"{where}: a data URL must be base64 (data:image/png;base64,...), got {head[:40]!r}")
+    try:
+        data = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise DiffkilnError(f"{where}: not base64 ({e}); expected base64 of a PNG or JPEG file") from None
+    return image_from_bytes(data, where), hashlib.sha256(data).hexdigest()
+
+
+def image_from_file(path) -> tuple[np.ndarray, str]:
+    """A batch job's "image" (a path) -> (pixels, sha256 of the file), with read_image_file's messages."""
+    from diffkiln.runtime.video import read_image_file
+
+    if not isinstance(path, str):
+        raise DiffkilnError(f"image: expected a file path (a string), got {type(path).__name__}")
+    pixels = read_image_file(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return pixels, h.hexdigest()
 
 
 class Engine:
@@ -79,8 +149,9 @@ class Engine:
         self.calls = 0
         self.requests = 0
 
-    def check(self, fields: dict, kind: str | None = None) -> Job:
-        """`fields` (parse_body's dict) -> a Job, or the pipeline's one-line DiffkilnError."""
+    def check(self, fields: dict, kind: str | None = None, read_image=image_from_b64) -> Job:
+        """`fields` (parse_body's dict) -> a Job, or the pipeline's one-line DiffkilnError. `read_image` turns a
+        video request's "image" into (pixels, sha256): base64 for the server, a path for batch jobs."""
         kind = kind or self.kind
         if kind != self.kind:
             raise DiffkilnError(f"this server holds a {self.kind} model ({self.pipe.settings.family}); "
@@ -103,8 +174,16 @@ class Engine:
             from diffkiln.runtime.video_io import check_fps
 
             fps = check_fps(pipe.settings.defaults.get("fps") or 8 if f["fps"] is None else f["fps"])
+        image = sha = image_guidance = None
+        if self.video:  # the pipeline's own checks: a family without image-to-video, the scale; then the pixels
+            image_guidance = pipe._image_request(f["image"], f["image_guidance"])
+            if f["image"] is not None:
+                from diffkiln.runtime.video import reference_pixels
+
+                image, sha = read_image(f["image"])
+                reference_pixels(image, r.height, r.width)  # refuses what the call would (aspect ratio) before it
         return Job(self.kind, r.prompts[0], r.negatives[0], r.steps, r.guidance, r.height, r.width, seed, count,
-                   frames, fps)
+                   frames, fps, image, sha, image_guidance)
 
     def latents(self, job: Job) -> np.ndarray:
         """The initial latents `Pipeline(seed=job.seed)` would draw."""
@@ -128,6 +207,8 @@ class Engine:
         kw = {"num_inference_steps": j0.steps, "guidance_scale": j0.guidance, "height": j0.height,
               "width": j0.width, "seed": j0.seed, "latents": latents, "output_type": "latent"}
         if self.video:
+            if j0.image is not None:  # one image per call: the key holds its sha256
+                kw.update(image=j0.image, image_guidance_scale=j0.image_guidance)
             out = self.pipe(prompts, negatives, num_frames=j0.frames, **kw)
             final, timings = out.frames, out.timings
         else:

@@ -39,6 +39,13 @@ def _check_job(job, where: str, base: Path) -> dict:
         if not lora.is_file():
             raise DiffkilnError(f"{where}: lora {job['lora']!r} is not a file")
         job["lora"] = str(lora.resolve())
+    if job.get("image") is not None:  # image-to-video's first frame; read (and a missing one fails) in its job
+        if not isinstance(job["image"], str) or not job["image"]:
+            raise DiffkilnError(f"{where}: image {job['image']!r}; expected a path to a PNG or JPEG file")
+        try:  # relative: to the job file's folder (grid: the current directory)
+            job["image"] = str((base / job["image"]).resolve())
+        except (OSError, ValueError) as e:  # a NUL byte, a symlink loop
+            raise DiffkilnError(f"{where}: image {job['image']!r}: {e}") from None
     if "id" not in job:
         canon = json.dumps({k: v for k, v in job.items()}, sort_keys=True)
         job["id"] = hashlib.sha256(canon.encode()).hexdigest()[:16]
@@ -103,7 +110,8 @@ def parse_floats(name: str, text: str | None) -> list[float | None]:
 def grid(prompts_file: str | Path, seeds: str, lora: str | None = None, lora_scales: str | None = None,
          guidance: str | None = None, **fixed) -> list[dict]:
     """The product prompts x seeds x LoRA scales (both the spatial and the temporal scale) x guidance scales;
-    ids name the cell: p<prompt line>-s<seed>[-l<scale>][-g<guidance>]."""
+    ids name the cell: p<prompt line>-s<seed>[-l<scale>][-g<guidance>]. `fixed` job fields apply to every cell
+    (e.g. image=FILE, image_guidance=X for image-to-video; a relative image path is the current directory's)."""
     path = Path(prompts_file)
     try:
         prompts = [p.strip() for p in path.read_text(encoding="utf-8").splitlines() if p.strip()]
