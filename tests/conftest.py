@@ -30,3 +30,14 @@ def engines_copy(tiny_engines, tmp_path):
     dst = tmp_path / "engines"
     shutil.copytree(tiny_engines, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def aoti_sana(tmp_path_factory):
+    """tiny-sana as AOTInductor CPU packages only (no ONNX engine set), built through the CLI; shared, read-only
+    (an AOTInductor compile is the suite's slowest step, so it is done once)."""
+    from diffkiln.cli import main
+
+    out = tmp_path_factory.mktemp("aoti") / "tiny-aoti"
+    assert main(["build", "tiny-sana", str(out), "--backend", "aoti", "--device", "cpu"]) == 0
+    return out

@@ -1,7 +1,7 @@
 """AOTInductor engines on CPU: torch.export with dynamic shapes -> .pt2 packages -> the runtime's loop.
 
 Slow part: inductor compiles C++ for each of the three submodels (10-25 s each on 2 cores), once
-per session (module fixture); everything else reuses those packages.
+per session (conftest.py `aoti_sana`, shared with test_engine_select.py); everything else reuses those packages.
 """
 
 import json
@@ -20,13 +20,8 @@ PROMPT = "a small red circle on the left, blue background"
 
 
 @pytest.fixture(scope="module")
-def aoti_engines(tmp_path_factory):
-    from diffkiln.engines.aoti import AotiBuildConfig
-    from diffkiln.engines.build import build
-
-    out = tmp_path_factory.mktemp("aoti") / "tiny-aoti"
-    build("tiny-sana", out, backend="aoti", aoti=AotiBuildConfig(device="cpu"))
-    return out
+def aoti_engines(aoti_sana):
+    return aoti_sana
 
 
 def test_manifest_and_parity(aoti_engines):

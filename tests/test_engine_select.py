@@ -83,11 +83,9 @@ def test_engine_options_of_another_backend_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def aoti_only(tmp_path_factory):
-    """tiny-sana as AOTInductor CPU packages only (no ONNX engine set), built through the CLI."""
-    out = tmp_path_factory.mktemp("select") / "aoti"
-    assert main(["build", "tiny-sana", str(out), "--backend", "aoti", "--device", "cpu"]) == 0
-    return out
+def aoti_only(aoti_sana):
+    """tiny-sana as AOTInductor CPU packages only (conftest: built once through the CLI)."""
+    return aoti_sana
 
 
 def test_generate_picks_the_only_engine_set(aoti_only, tmp_path, capsys):
