@@ -51,6 +51,18 @@ def test_dry_run_device_script(tmp_path):
     assert by["aoti-fp8-fused-graphs"]["step_max_abs_vs_eager"] < 0.5
     assert by["eager"]["step_flops"] > 0 and by["eager"]["memory"]["host_peak_gib"] > 0
     assert by["tensorrt"]["status"] == "unavailable" and "GPU" in by["tensorrt"]["error"]
+    # the video families come last (never costing the Sana figures): eager, then the compiled denoiser, same video
+    assert list(CASE_NAMES)[-4:] == ["open-sora-v2-eager", "open-sora-v2-compile", "videocrafter2-eager",
+                                     "videocrafter2-compile"]
+    for name, shape in (("open-sora-v2-eager", [1, 5, 32, 32, 3]), ("open-sora-v2-compile", [1, 5, 32, 32, 3]),
+                        ("videocrafter2-eager", [1, 8, 32, 32, 3])):
+        assert by[name]["status"] == "ok", by[name]
+        assert by[name]["frames_shape"] == shape and by[name]["finite"], by[name]
+        assert by[name]["e2e"]["median_ms"] > 0 and by[name]["step"]["median_ms"] > 0 and by[name]["videos_per_s"] > 0
+    assert by["open-sora-v2-eager"]["step_flops"] > 0 and "hidden_states" in by["open-sora-v2-eager"]["inputs"]
+    assert "sample" in by["videocrafter2-eager"]["inputs"]  # the UNet's inputs named by its own signature
+    assert by["open-sora-v2-compile"]["quality_vs_eager"]["max_abs"] < 1e-5  # dynamo capture: the same function
+    assert by["videocrafter2-compile"]["status"] == "skipped" and "dry run" in by["videocrafter2-compile"]["error"]
     assert res["evaluation"]["evaluated"] is False
     # the summary table is printed last
     assert proc.stdout.rstrip().splitlines()[-2].startswith("dry run on CPU")

@@ -7,8 +7,13 @@ Full run (one CUDA GPU): sana-1600m-1024 through diffusers' own `SanaPipeline` i
 batch 1, weights built directly on the GPU (seeded random); then the transformer swapped for compiled versions
 inside the same pipeline (same seeds): an AOTInductor CUDA package (static shapes) with the fused linear
 attention and FP8 E4M3 GEMMs (`torch._scaled_mm`) replayed as a CUDA graph, torch.compile, the other package
-variants, SANA-Sprint-1600m at 1 and 2 steps, the kernel benchmark. The dry run (`--dry-run`, CPU) runs the same
-phases with tiny-sana / tiny-sana-sprint at 64² in fp32: it proves the harness, not speed.
+variants, SANA-Sprint-1600m at 1 and 2 steps, the kernel benchmark; last (so they never cost the Sana figures),
+the video families at their real architectures with seeded random weights built directly on the GPU in bf16:
+open-sora-v2 text-to-video (11.9 B MMDiT + T5-XXL; 256 px, 17 frames, 10 steps) and videocrafter2 (320x512,
+16 frames, 10 steps), each eager (diffkiln's OpenSoraV2Pipeline / VideoCrafter2Pipeline) then with its denoiser
+under torch.compile (their compiled path that fits a case: an AOTInductor package of the 23.8 GB transformer
+would not). The dry run (`--dry-run`, CPU) runs the same phases with tiny-sana / tiny-sana-sprint at 64² in fp32
+and tiny-open-sora-v2 / tiny-videocrafter2 at 32²: it proves the harness, not speed.
 
 Per case: end-to-end latency (median of repeats, synchronized), the transformer's per-step latency (median of
 direct calls with the pipeline's own inputs), images/s, peak memory from PyTorch and from the driver
@@ -71,6 +76,25 @@ class Case:
     graphs: bool = False
     steps: int | None = None
     in_dry_run: bool = True  # False: a variant whose code path the dry run already ran (one compile is enough there)
+    video: str | None = None  # kind video / video_compile: the family (VIDEO_FULL / VIDEO_DRY)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoConfig:
+    preset: str
+    height: int
+    width: int
+    frames: int
+    steps: int
+    guidance: float
+
+
+# open-sora-v2: 17 frames -> 5 latent frames x 16 x 16 patches = 1280 tokens (+ 512 text); videocrafter2: its native
+# 320x512 x 16 frames (40x64 latents). Steps cut to 10 so that a case fits in about a minute.
+VIDEO_FULL = {"open-sora-v2": VideoConfig("open-sora-v2", 256, 256, 17, 10, 7.5),
+              "videocrafter2": VideoConfig("videocrafter2", 320, 512, 16, 10, 12.0)}
+VIDEO_DRY = {"open-sora-v2": VideoConfig("tiny-open-sora-v2", 32, 32, 5, 2, 7.5),
+             "videocrafter2": VideoConfig("tiny-videocrafter2", 32, 32, 8, 2, 12.0)}
 
 
 # Ordered by value: a run cut short still answers the main question. Package variants that reuse a compiled
@@ -91,6 +115,15 @@ CASES = (
          in_dry_run=False),
     Case("aoti", "the same package without the CUDA graph", 20, "aoti", in_dry_run=False),
     Case("tensorrt", "TensorRT-RTX engines (only on one of its GPU targets)", 5, "tensorrt"),
+    # the video families, last: a run short of time skips them (status recorded), never the cases above
+    Case("open-sora-v2-eager", "open-sora-v2 text-to-video, OpenSoraV2Pipeline eager (random bf16 weights)", 60,
+         "video", video="open-sora-v2"),
+    Case("open-sora-v2-compile", "open-sora-v2: the same pipeline, transformer under torch.compile", 150,
+         "video_compile", video="open-sora-v2"),
+    Case("videocrafter2-eager", "videocrafter2, VideoCrafter2Pipeline eager (random bf16 weights)", 40, "video",
+         video="videocrafter2"),
+    Case("videocrafter2-compile", "videocrafter2: the same pipeline, UNet under torch.compile", 120, "video_compile",
+         video="videocrafter2", in_dry_run=False),
 )
 CASE_NAMES = tuple(c.name for c in CASES)
 
@@ -100,9 +133,10 @@ class Unavailable(Exception):
 
 
 # -- building pipelines on the device ---------------------------------------------------------------------
-def build_model(preset_name: str, device: str, dtype: str, skip=(), share=None):
+def build_model(preset_name: str, device: str, dtype: str, skip=(), share=None, build_dtype: str | None = None):
     """The preset's model with its modules built directly on `device` (seeded; trained preset weights where the
-    preset has them), cast to `dtype`. `skip`: component attrs not built; `share`: attr -> module to reuse."""
+    preset has them), cast to `dtype`. `skip`: component attrs not built; `share`: attr -> module to reuse;
+    `build_dtype`: torch's default dtype while building (bfloat16: the 11.9 B open-sora-v2 never exists in fp32)."""
     import torch
 
     from diffkiln.models.registry import adapter_for
@@ -115,12 +149,18 @@ def build_model(preset_name: str, device: str, dtype: str, skip=(), share=None):
                      mod.model_cls.preset_tokenizer(preset), {})
     share = share or {}
     built = {}
-    with torch.device(device):
-        for c in comps:
-            if c.attr in skip or c.attr in share:
-                continue
-            torch.manual_seed(preset.seed + c.seed_offset)
-            built[c.attr] = c.build(model.config(c.attr))
+    default = torch.get_default_dtype()
+    try:
+        if build_dtype is not None:
+            torch.set_default_dtype(getattr(torch, build_dtype))
+        with torch.device(device):
+            for c in comps:
+                if c.attr in skip or c.attr in share:
+                    continue
+                torch.manual_seed(preset.seed + c.seed_offset)
+                built[c.attr] = c.build(model.config(c.attr))
+    finally:
+        torch.set_default_dtype(default)
     model.prepare_modules(built)
     for attr, module in {**built, **share}.items():
         setattr(model, attr, module.to(getattr(torch, dtype)).eval().requires_grad_(False))
@@ -343,8 +383,10 @@ class Suite:
         for case in self.cases:
             left = self.deadline_s - self.elapsed()
             if self.config.dry_run and not case.in_dry_run:
-                self.record(case.name, status="skipped", error="dry run: one AOTInductor compile (the first package "
-                            "case) proves this code path; the GPU run compiles this variant")
+                why = ("open-sora-v2-compile proves the torch.compile path (dynamo's capture of the tiny UNet takes "
+                       "45 s on 2 CPU cores)" if case.kind == "video_compile" else
+                       "one AOTInductor compile (the first package case) proves this code path")
+                self.record(case.name, status="skipped", error=f"dry run: {why}; the GPU run compiles this variant")
                 continue
             if case.estimate_s * scale > left:
                 self.record(case.name, status="skipped",
@@ -609,6 +651,120 @@ class Suite:
         raise Unavailable("tensorrt_rtx is not carried to this machine (its libs are 91 MiB of the 64 MiB a run carries)")
 
 
+    # the video families (open-sora-v2, videocrafter2)
+    def video(self, case: Case) -> dict:
+        """{config, model, pipe, denoiser, call, names, tensors} of the case's family, built once; another family's
+        (or Sana's) models leave the device first."""
+        c = self.config
+        vc = (VIDEO_DRY if c.dry_run else VIDEO_FULL)[case.video]
+        key = f"video:{case.video}"
+        if key not in self.state:
+            for k in [k for k in self.state if k != "package_dir"]:  # free the device for this family
+                self.state.pop(k)
+            self.cleanup()
+            import torch
+
+            from diffkiln.calibration.denoiser import CHANNELS_FIRST_LATENTS, accepted_arguments, initial_latents
+
+            start = time.perf_counter()
+            model = build_model(vc.preset, c.device, c.dtype, build_dtype=None if c.dry_run else c.dtype)
+            build_s = round(time.perf_counter() - start, 1)
+            pipe = pipeline_of(model)
+            attr = "transformer" if hasattr(pipe, "transformer") else "unet"
+            accepted = accepted_arguments(type(pipe))
+            shape = {"num_frames": vc.frames, "height": vc.height, "width": vc.width}
+
+            def call(seed: int = 0) -> dict:
+                g = torch.Generator("cpu").manual_seed(seed)
+                kw = {"prompt": PROMPT, "num_frames": vc.frames, "height": vc.height, "width": vc.width,
+                      "num_inference_steps": vc.steps, "guidance_scale": vc.guidance, "output_type": "np",
+                      "generator": torch.Generator(c.device).manual_seed(seed)}
+                if model.family in CHANNELS_FIRST_LATENTS:  # its pipeline takes the initial noise from the caller
+                    kw["latents"] = initial_latents(model, 1, shape, g).to(c.device, getattr(torch, c.dtype))
+                return {k: v for k, v in kw.items() if k in accepted}
+
+            denoiser = getattr(pipe, attr)
+            with BoundRecorder(denoiser) as rec, torch.inference_mode():
+                pipe(**{**call(), "num_inference_steps": 1})
+            names, tensors = rec.tensors()
+            self.state[key] = {"config": vc, "model": model, "pipe": pipe, "denoiser": denoiser, "attr": attr,
+                               "call": call, "names": names, "tensors": tensors, "build_s": build_s}
+        return self.state[key]
+
+    def measure_video(self, v: dict, compiled: bool) -> dict:
+        import numpy as np
+        import torch
+
+        from diffkiln.benchmarks.machine import PeakMemory
+        from diffkiln.benchmarks.quality import psnr
+
+        c = self.config
+        pipe, den, names, tensors = v["pipe"], v["denoiser"], v["names"], v["tensors"]
+
+        def step(*t):
+            return first(den(**dict(zip(names, t)), return_dict=False))
+
+        def frames():
+            out = pipe(**v["call"]())
+            return np.asarray(getattr(out, "frames", out), np.float32)
+
+        with torch.inference_mode():
+            start = time.perf_counter()
+            frames()  # warm-up (compiles) outside the measured block
+            first_s = round(time.perf_counter() - start, 1)
+            with PeakMemory() as mem:
+                times, video = timed(frames, c.device, c.repeats, c.warmup - 1)
+            step_times, _ = timed(lambda: step(*tensors), c.device, c.step_repeats, 1)
+        e2e = stats(times)
+        vc = v["config"]
+        fields = {"e2e": e2e, "step": stats(step_times), "videos_per_s": 1 / (e2e["median_ms"] / 1e3),
+                  "memory": mem.as_dict(), "first_call_s": first_s, "video": dataclasses.asdict(vc),
+                  "frames_shape": list(video.shape), "finite": bool(np.isfinite(video).all())}
+        ref = v.get("eager_video")
+        if compiled and ref is not None:
+            db = psnr(ref, video)
+            fields["quality_vs_eager"] = {"psnr_db": db, "identical": db is None,
+                                          "max_abs": float(np.abs(ref - video).max())}
+        else:
+            v["eager_video"], v["eager_e2e_ms"] = video, e2e["median_ms"]
+            fields.update(build_s=v["build_s"], denoiser_weights_gib=round(params_bytes(den) / 2**30, 3),
+                          step_flops=step_flops(step, tensors), inputs={n: list(t.shape) for n, t in zip(names, tensors)})
+        if compiled and v.get("eager_e2e_ms"):
+            fields["e2e_vs_eager"] = v["eager_e2e_ms"] / e2e["median_ms"]
+        return fields
+
+    def case_video(self, case: Case) -> dict:
+        return self.measure_video(self.video(case), compiled=False)
+
+    def case_video_compile(self, case: Case) -> dict:
+        import torch
+
+        c = self.config
+        v = self.video(case)
+        den = v["denoiser"]
+        backend = "eager" if c.dry_run else "inductor"  # dry run: dynamo's capture only (as case_compile)
+        den.forward = torch.compile(den.forward, backend=backend, dynamic=False)  # the class forward, bound
+        try:
+            return {**self.measure_video(v, compiled=True), "backend": backend}
+        finally:
+            del den.forward
+
+
+class BoundRecorder(StepRecorder):
+    """StepRecorder for any denoiser: the first call's tensor arguments named by its forward's signature
+    (UNets take `sample, timestep, ...`; MMDiTs `hidden_states, ...`)."""
+
+    def tensors(self) -> tuple[list[str], list]:
+        import inspect
+
+        import torch
+
+        args, kwargs = self.call
+        bound = inspect.signature(self._orig).bind_partial(*args, **kwargs).arguments
+        names = [k for k, v in bound.items() if isinstance(v, torch.Tensor)]
+        return names, [bound[k].detach().clone() for k in names]
+
+
 def step_flops(step, tensors) -> float | None:
     """Floating-point operations of one transformer call (torch's FLOP counter), or None where it cannot count."""
     import torch
@@ -691,8 +847,10 @@ def rows(results: dict) -> list[list[str]]:
         e2e = r.get("e2e", {}).get("median_ms")
         mem = r.get("memory", {})
         q = r.get("quality_vs_eager") or {}
+        per_s = r.get("images_per_s", r.get("videos_per_s"))  # video cases: videos/s, vs their own eager case
+        vs = r["e2e_vs_eager"] if "e2e_vs_eager" in r else None if r.get("video") else _ratio(eager, e2e)
         out.append([r["name"], r["status"], _f(e2e), _f(r.get("step", {}).get("median_ms"), ".2f"),
-                    _f(r.get("images_per_s"), ".2f"), _f(_ratio(eager, e2e), ".2f"),
+                    _f(per_s, ".2f"), _f(vs, ".2f"),
                     _f(mem.get("device_peak_gib") or mem.get("host_peak_gib"), ".2f"),
                     "same" if q.get("identical") else _f(q.get("psnr_db")),
                     (r.get("error") or "")[:70]])
