@@ -250,7 +250,7 @@ def _cli(capsys, argv):
 @pytest.mark.parametrize("kind,match", [
     ("directory", "a directory"),
     ("missing", "no such file"),
-    ("empty", "an empty file"),
+    ("empty", "empty (0 bytes); expected a PNG or JPEG"),
     ("garbage", "not a readable image"),
     ("truncated", "not a readable image"),
 ])

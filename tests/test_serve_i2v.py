@@ -140,7 +140,7 @@ def test_bad_images_get_400_with_one_line(server):
     cases = [({"image": "not base64 at all!"}, "/v1/videos", "not base64"),
              ({"image": b64(b"\x00not an image" * 8)}, "/v1/videos", "not a readable image"),
              ({"image": b64(truncated)}, "/v1/videos", "not a readable image"),
-             ({"image": ""}, "/v1/videos", "empty; expected a PNG or JPEG"),
+             ({"image": ""}, "/v1/videos", "empty (0 bytes); expected a PNG or JPEG"),
              ({"image": 7}, "/v1/videos", "expected a string of base64"),
              ({"image": "data:image/png,abc"}, "/v1/videos", "data URL must be base64"),
              ({"image": b64(wide)}, "/v1/videos", "aspect ratio is too far"),

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -225,26 +225,52 @@ def reference_pixels(image, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(rgb.transpose(2, 0, 1) * 2 - 1).astype(np.float32)
 
 
-def read_image_file(path) -> np.ndarray:
-    """A PNG / JPEG (any format Pillow reads) -> [H, W, 3] uint8, converted to RGB as Open-Sora's pil_loader does;
-    a missing, unreadable or non-image file is one clear error."""
+MAX_IMAGE_FILE_BYTES = 256 << 20
+
+
+def read_image_bytes(data: bytes, where: str) -> np.ndarray:
+    """PNG / JPEG bytes (any format Pillow reads) -> [H, W, 3] uint8, converted to RGB as Open-Sora's pil_loader
+    does; empty, unreadable or non-image bytes and images over MAX_RESIZE_PIXELS (a small compressed file must not
+    expand into gigabytes) are one clear error naming `where`."""
+    import io
+
     try:
         from PIL import Image
     except ImportError:
-        raise DiffkilnError(f"image {path}: reading image files needs Pillow (pip install pillow)") from None
-    path = Path(path)
-    if not path.is_file():
-        raise DiffkilnError(f"image {path}: {'a directory' if path.is_dir() else 'no such file'}; expected a PNG or "
-                            "JPEG file")
+        raise DiffkilnError(f"{where}: reading images needs Pillow (pip install pillow)") from None
+    if not data:
+        raise DiffkilnError(f"{where}: empty (0 bytes); expected a PNG or JPEG file")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > MAX_RESIZE_PIXELS:
+                raise DiffkilnError(f"{where}: {w}x{h} px (width x height); at most {MAX_RESIZE_PIXELS} pixels")
             return np.asarray(im.convert("RGB"))
     except Image.DecompressionBombError as e:
-        raise DiffkilnError(f"image {path}: {e}") from None
+        raise DiffkilnError(f"{where}: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
-        size = path.stat().st_size
-        what = "an empty file" if size == 0 else f"not a readable image ({' '.join(str(e).split())[:120]})"
-        raise DiffkilnError(f"image {path}: {what}; expected a PNG or JPEG file") from None
+        raise DiffkilnError(f"{where}: not a readable image ({' '.join(str(e).split())[:120]}); expected a PNG or "
+                            "JPEG file") from None
+
+
+def image_file_bytes(path) -> bytes:
+    """An image file's bytes: a missing path, a directory or an oversized file is one clear error."""
+    path = Path(path)
+    where = f"image {path}"
+    if not path.is_file():
+        raise DiffkilnError(f"{where}: {'a directory' if path.is_dir() else 'no such file'}; expected a PNG or "
+                            "JPEG file")
+    if path.stat().st_size > MAX_IMAGE_FILE_BYTES:
+        raise DiffkilnError(f"{where}: {path.stat().st_size} bytes; at most {MAX_IMAGE_FILE_BYTES} for an image")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DiffkilnError(f"{where}: {e.strerror or e}") from None
+
+
+def read_image_file(path) -> np.ndarray:
+    """A PNG / JPEG file -> [H, W, 3] uint8 (read_image_bytes)."""
+    return read_image_bytes(image_file_bytes(path), f"image {Path(path)}")
 
 
 def video_pipeline_class(family: str) -> type[VideoPipeline]:

@@ -81,28 +81,6 @@ def parse_body(body, kind: str) -> dict:
     return {k: body.get(k, d) for k, d in allowed.items()}
 
 
-def image_from_bytes(data: bytes, where: str) -> np.ndarray:
-    """PNG / JPEG bytes -> [H, W, 3] uint8, as runtime.video.read_image_file reads a file (convert("RGB")), with
-    its one-line messages; at most MAX_RESIZE_PIXELS pixels (a small compressed image must not expand into GBs)."""
-    from PIL import Image
-
-    from diffkiln.runtime.video import MAX_RESIZE_PIXELS
-
-    if not data:
-        raise DiffkilnError(f"{where}: empty; expected a PNG or JPEG file")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > MAX_RESIZE_PIXELS:
-                raise DiffkilnError(f"{where}: {w}x{h} px (width x height); at most {MAX_RESIZE_PIXELS} pixels")
-            return np.asarray(im.convert("RGB"))
-    except Image.DecompressionBombError as e:
-        raise DiffkilnError(f"{where}: {e}") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
-        raise DiffkilnError(f"{where}: not a readable image ({' '.join(str(e).split())[:120]}); expected a PNG or "
-                            "JPEG file") from None
-
-
 def image_from_b64(text) -> tuple[np.ndarray, str]:
     """A request's "image": base64 of PNG / JPEG bytes (whitespace ignored; a data: URL accepted) -> (pixels,
     sha256 of the bytes)."""
@@ -118,21 +96,19 @@ def image_from_b64(text) -> tuple[np.ndarray, str]:
         data = base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError) as e:
         raise DiffkilnError(f"{where}: not base64 ({e}); expected base64 of a PNG or JPEG file") from None
-    return image_from_bytes(data, where), hashlib.sha256(data).hexdigest()
+    from diffkiln.runtime.video import read_image_bytes
+
+    return read_image_bytes(data, where), hashlib.sha256(data).hexdigest()
 
 
 def image_from_file(path) -> tuple[np.ndarray, str]:
-    """A batch job's "image" (a path) -> (pixels, sha256 of the file), with read_image_file's messages."""
-    from diffkiln.runtime.video import read_image_file
+    """A batch job's "image" (a path) -> (pixels, sha256 of the same bytes), with the CLI's messages."""
+    from diffkiln.runtime.video import image_file_bytes, read_image_bytes
 
     if not isinstance(path, str):
         raise DiffkilnError(f"image: expected a file path (a string), got {type(path).__name__}")
-    pixels = read_image_file(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return pixels, h.hexdigest()
+    data = image_file_bytes(path)
+    return read_image_bytes(data, f"image {Path(path)}"), hashlib.sha256(data).hexdigest()
 
 
 class Engine:
