@@ -324,11 +324,16 @@ def cmd_batch(args) -> None:
 
     if args.grid:
         if not args.prompts or args.jobs:
-            raise DiffkilnError("--grid takes --prompts FILE (and --seeds, --lora, --lora-scales, --guidance), not JOBS")
-        todo = jobs.grid(args.prompts, args.seeds, args.lora, args.lora_scales, args.guidance)
+            raise DiffkilnError("--grid takes --prompts FILE (and --seeds, --lora, --lora-scales, --guidance, --image, "
+                                "--image-guidance), not JOBS")
+        todo = jobs.grid(args.prompts, args.seeds, args.lora, args.lora_scales, args.guidance, image=args.image,
+                         image_guidance=args.image_guidance)
     else:
         if not args.jobs:
             raise DiffkilnError("give JOBS.jsonl, or --grid --prompts FILE")
+        if args.image is not None or args.image_guidance is not None:
+            raise DiffkilnError("--image / --image-guidance are --grid options; in a JSONL job file give each job "
+                                "its \"image\" (and \"image_guidance\")")
         todo = jobs.read_jobs(args.jobs)
     r = batch.run(args.engines, todo, args.output, address=args.address, num_cpus=args.num_cpus,
                   workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
@@ -522,7 +527,8 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("batch", help="run a JSONL job file or a grid on Ray Data; resumable (pip install 'diffkiln[serve]')")
     sp.add_argument("engines", help="engine directory")
     sp.add_argument("jobs", nargs="?", help="JSONL, one job per line: the /v1/images or /v1/videos fields, plus "
-                    "lora, lora_spatial_scale, lora_temporal_scale, id")
+                    "lora, lora_spatial_scale, lora_temporal_scale, id, image (a PNG/JPEG path, relative to the job "
+                    "file's folder; Open-Sora image-to-video), image_guidance")
     sp.add_argument("-o", "--output", required=True, help="output directory (outputs + metadata.jsonl)")
     sp.add_argument("--grid", action="store_true", help="the product of --prompts x --seeds x --lora-scales x --guidance")
     sp.add_argument("--prompts", help="--grid: a file with one prompt per line")
@@ -530,6 +536,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--lora", help="--grid: a LoRA safetensors file (video models)")
     sp.add_argument("--lora-scales", help="--grid: LoRA scales (spatial and temporal), e.g. 0.5,1.0")
     sp.add_argument("--guidance", help="--grid: guidance scales, e.g. 4.5,7")
+    sp.add_argument("--image", help="--grid: a reference image (PNG/JPEG) for every cell (Open-Sora image-to-video)")
+    sp.add_argument("--image-guidance", type=float, help="--grid: the image guidance scale (with --image)")
     sp.add_argument("--address", help="an existing Ray cluster; default: a local Ray")
     sp.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     sp.add_argument("--workers", type=int, default=1, help="pipeline workers (on a GPU cluster: one per GPU)")

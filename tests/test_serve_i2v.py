@@ -183,3 +183,26 @@ def test_batch_jobs_with_images(server, engines, pipe, tmp_path):
     assert ok["image"] == str((tmp_path / "frames" / "first.png").resolve()) and cell["image_guidance_scale"] == 2.5
     assert (out / "ok.mp4").read_bytes() == want_mp4(pipe, first, 3)
     assert (out / "p0-s4.mp4").read_bytes() == want_mp4(pipe, first, 4, image_guidance_scale=2.5)
+
+
+def test_batch_cli_grid_with_image(server, engines, pipe, tmp_path, capsys):
+    """`diffkiln batch --grid --image FILE --image-guidance X` passes the image to every cell; --image with a
+    JSONL job file is refused with one line (each job names its own image there)."""
+    from diffkiln.cli import main
+    from diffkiln.serve.engine import mp4_bytes
+
+    first = tmp_path / "first.png"
+    first.write_bytes(png(32, 32, 2))
+    (tmp_path / "prompts.txt").write_text(PROMPT + "\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(engines), "--grid", "--prompts", str(tmp_path / "prompts.txt"), "--seeds", "6",
+                 "--image", str(first), "--image-guidance", "2.5", "--threads", "1", "-o", str(out)]) == 0
+    frames = pipe(PROMPT, image=decoded(first.read_bytes()), seed=6, image_guidance_scale=2.5).frames[0]
+    assert (out / "p0-s6.mp4").read_bytes() == mp4_bytes(frames, pipe.settings.defaults["fps"])
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": PROMPT}) + "\n")
+    capsys.readouterr()
+    assert main(["batch", str(engines), str(tmp_path / "jobs.jsonl"), "--image", str(first), "-o",
+                 str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--image / --image-guidance are --grid options" in err and "\n" not in err
+    assert not (tmp_path / "o2").exists()
