@@ -4,6 +4,8 @@
 #   here:   scripts/fetch_device_wheels.sh            # pinned wheels the machine lacks -> .whl/ (diffusers only)
 #   there:  scripts/device_run.sh                     # a device run with carry [".whl"], $OUT set
 #   here:   DIFFKILN_DRY_RUN=1 OUT=/tmp/o scripts/device_run.sh   # the same phases on CPU, tiny presets, < 1 min
+#   DIFFKILN_CASES=a,b (optional): a subset of the suite's cases, e.g. the video families that a full run leaves
+#   for lack of time: DIFFKILN_CASES=open-sora-v2-eager,open-sora-v2-compile,videocrafter2-eager,videocrafter2-compile
 #
 # Installs only the carried wheels (no index, no deps) into /tmp/site, runs the device suite
 # (diffkiln.benchmarks.device) under a deadline (default 540 s: one command may run 10 min), and leaves under
@@ -39,6 +41,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" || { echo "[device_run] imports failed"; exit 1; }
 
 # the suite stops itself at the deadline (results kept); `timeout` is the last guard against a hang
+[ -n "${DIFFKILN_CASES:-}" ] && ARGS+=(--cases "$DIFFKILN_CASES")
 timeout -k 10 $((DEADLINE + 30)) "$PY" -m diffkiln.benchmarks.device --out "$OUT" --deadline-s "$DEADLINE" "${ARGS[@]}"
 rc=$?
 # return limits: plain files directly under $OUT, each < 16 MiB (the log is cut to its last 8 MiB)
