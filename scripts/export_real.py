@@ -52,7 +52,7 @@ def _submodel(args):
     from diffkiln.export.streamed import meta_submodel
 
     name, dtype, _, _ = PRESETS[args.preset]
-    return meta_submodel(args.preset, name, args.dtype or dtype)
+    return meta_submodel(args.preset, name, args.dtype or dtype, _dims(args.config))
 
 
 def _source(args, sub):
@@ -150,6 +150,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trace-shape", help="dims of the traced shape, e.g. batch=2,frames=2,latent_height=32,...")
     ap.add_argument("--check-shape", help="dims of the ONNX Runtime vs eager check; 'none' skips it")
+    ap.add_argument("--config", help="integer config overrides of the module, e.g. num_layers=1,num_single_layers=1 "
+                                     "(the real width at a depth whose fp32 weights fit twice in memory)")
+    ap.add_argument("--name", help="key of the results entry (default: the preset, + the overrides)")
     ap.add_argument("--keep-data", action="store_true", help="keep the external data file")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-cpu"
                                            / "real_exports.json"))
@@ -168,9 +171,11 @@ def main() -> None:
     argv = [args.preset, args.out, "--dtype", dtype, "--seed", str(args.seed)]
     if args.trace_shape:
         argv += ["--trace-shape", args.trace_shape]
+    if args.config:
+        argv += ["--config", args.config]
     if check:
         argv += ["--check-shape", ",".join(f"{k}={v}" for k, v in check.items())]
-    result = {"preset": args.preset, "submodel": name, "dtype": dtype, "date": time.strftime("%Y-%m-%d"),
+    result = {"preset": args.preset, "submodel": name, "dtype": dtype, "config_overrides": _dims(args.config) or {}, "date": time.strftime("%Y-%m-%d"),
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
               "weights": f"SeededSource(seed={args.seed}): per layer, torch's default init (reset_parameters) under "
@@ -201,7 +206,7 @@ def main() -> None:
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(path.read_text()) if path.exists() else {}
-    table[args.preset] = result
+    table[args.name or args.preset + (f" ({args.config}, {dtype})" if args.config else "")] = result
     from diffkiln.fileio import atomic_write_json
 
     atomic_write_json(path, table)

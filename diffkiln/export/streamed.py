@@ -341,9 +341,10 @@ def export_streamed(sub: Submodel, path: Path, source=None, opset: int = OPSET, 
 
 
 # -- a real-size preset's submodel on the meta device ------------------------------------------------------------------
-def meta_submodel(preset: str, name: str, dtype: str = "float32") -> Submodel:
+def meta_submodel(preset: str, name: str, dtype: str = "float32", overrides: dict | None = None) -> Submodel:
     """A preset's submodel (export wrapper and I/O spec) with its module built on the meta device: no memory, no
-    weights (`check_size` does not apply: nothing is materialized)."""
+    weights (`check_size` does not apply: nothing is materialized). `overrides`: config keys of that module to
+    change (e.g. fewer layers at the real width, for a check that fits in memory twice)."""
     import torch
 
     from diffkiln.models.loading import torch_dtype
@@ -357,6 +358,11 @@ def meta_submodel(preset: str, name: str, dtype: str = "float32") -> Submodel:
     model = adapter._new(p.name, "preset", adapter.family_of(p), p,
                          {c.attr: dict(getattr(p, c.attr)) for c in adapter.model_cls.COMPONENTS},
                          dict(p.scheduler), adapter.model_cls.preset_tokenizer(p), {})
+    if overrides:
+        unknown = set(overrides) - set(model.configs[comps[0].attr])
+        if unknown:
+            raise DiffkilnError(f"{preset} {comps[0].attr} config has no key(s) {sorted(unknown)}")
+        model.configs[comps[0].attr].update(overrides)
     model.check_config(f"preset {p.name}")
     with torch.device("meta"):
         module = comps[0].build(model.config(comps[0].attr))
