@@ -293,11 +293,12 @@ def export_streamed(sub: Submodel, path: Path, source=None, opset: int = OPSET, 
 
     path = Path(path)
     module = sub.module
-    buffers = [n for n, b in module.named_buffers() if n not in module.state_dict()]
-    if buffers:
-        raise DiffkilnError(f"{sub.name}: non-persistent buffers {buffers[:3]} are not in any checkpoint; the streamed "
-                            "export needs every tensor the graph reads to be a parameter or saved buffer")
-    params = dict(module.state_dict(keep_vars=True))
+    saved = module.state_dict(keep_vars=True)
+    buffers = [n for n, b in module.named_buffers() if n not in saved and b.is_meta]
+    if buffers:  # (real ones are traced as constants of the graph, as the in-memory export does)
+        raise DiffkilnError(f"{sub.name}: non-persistent buffers {buffers[:3]} are on the meta device and in no "
+                            "checkpoint; build the module with them materialized (they are computed at construction)")
+    params = dict(saved)
     if source is None:
         if any(p.is_meta for p in params.values()):
             raise DiffkilnError(f"{sub.name}: the module is on the meta device; give a weight source")
