@@ -372,8 +372,9 @@ def meta_submodel(preset: str, name: str, dtype: str = "float32", overrides: dic
 
 
 def graph_summary(path: Path) -> dict:
-    """onnx.checker on the path (external data checked for presence, never loaded) and the graph alone: node and op
-    counts, initializers, the data file's size against the initializers' extents."""
+    """onnx.checker on the path (external data checked for presence, never loaded) and the graph alone: strict ONNX
+    shape inference (the outputs' inferred types and shapes), node and op counts, initializers by type, the data
+    file's size against the initializers' extents."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo
 
@@ -386,7 +387,11 @@ def graph_summary(path: Path) -> dict:
             info = ExternalDataInfo(t)
             end = max(end, (info.offset or 0) + (info.length or 0))
     data = path.parent / f"{path.name}.data"
-    return {"checker": "ok", "nodes": len(model.graph.node), "initializers": len(model.graph.initializer),
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    outputs = {o.name: [onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type),
+                        [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]] for o in inferred.graph.output}
+    types = Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer)
+    return {"checker": "ok", "inferred_outputs": outputs, "initializer_types": dict(types), "nodes": len(model.graph.node), "initializers": len(model.graph.initializer),
             "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
             "graph_bytes": path.stat().st_size, "data_bytes": data.stat().st_size if data.exists() else 0,
             "data_end": end}
