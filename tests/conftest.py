@@ -41,3 +41,21 @@ def aoti_sana(tmp_path_factory):
     out = tmp_path_factory.mktemp("aoti") / "tiny-aoti"
     assert main(["build", "tiny-sana", str(out), "--backend", "aoti", "--device", "cpu"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def built_engines(tmp_path_factory):
+    """preset -> its default ONNX Runtime engine directory (`build(preset, out)`), built once per session and shared
+    by every test file that only reads it (copy it before damaging it)."""
+    from diffkiln.engines.build import build
+
+    cache = {}
+
+    def get(preset: str):
+        if preset not in cache:
+            out = tmp_path_factory.mktemp("built") / preset
+            build(preset, out)
+            cache[preset] = out
+        return cache[preset]
+
+    return get

@@ -15,13 +15,11 @@ from diffkiln.serve import jobs
 
 
 @pytest.fixture(scope="module")
-def grid_inputs(tmp_path_factory):
-    from diffkiln.engines.build import build
+def grid_inputs(tmp_path_factory, built_engines):
     from diffkiln.lora.reference import make_motion_lora
     from diffkiln.models.t2v_ms import load_model
 
     d = tmp_path_factory.mktemp("batch")
-    build("tiny-t2v-ms", d / "t2v")
     make_motion_lora(load_model("tiny-t2v-ms").unet, d / "motion.safetensors", "temporal", rank=4, alpha=8, seed=1)
     (d / "prompts.txt").write_text("a red car driving fast\na boat on a lake\n")
     return d
@@ -47,11 +45,11 @@ def lines(meta):
     return meta.read_text().splitlines() if meta.exists() else []
 
 
-def test_grid_killed_midway_and_resumed(grid_inputs, tmp_path):
+def test_grid_killed_midway_and_resumed(grid_inputs, built_engines, tmp_path):
     pytest.importorskip("ray", reason="Ray is the optional `serve` extra: pip install 'diffkiln[serve]'")
     pytest.importorskip("imageio_ffmpeg", reason="MP4 output needs the `video` extra")
-    d, out = grid_inputs, tmp_path / "out"
-    cmd = [sys.executable, "-m", "diffkiln", "batch", str(d / "t2v"), "--grid", "--prompts", str(d / "prompts.txt"),
+    d, out, engines = grid_inputs, tmp_path / "out", built_engines("tiny-t2v-ms")
+    cmd = [sys.executable, "-m", "diffkiln", "batch", str(engines), "--grid", "--prompts", str(d / "prompts.txt"),
            "--seeds", "0-2", "--lora", str(d / "motion.safetensors"), "--lora-scales", "0.5,1.0", "-o", str(out),
            "--num-cpus", "2", "--threads", "1"]
     env = dict(os.environ, DIFFKILN_PROGRESS="0")
@@ -79,7 +77,7 @@ def test_grid_killed_midway_and_resumed(grid_inputs, tmp_path):
     from diffkiln.runtime import load_pipeline
     from diffkiln.serve.engine import mp4_bytes
 
-    pipe = load_pipeline(d / "t2v")
+    pipe = load_pipeline(engines)
     pipe.set_lora([str(d / "motion.safetensors")], 0.5, 0.5)
     frames = pipe("a boat on a lake", seed=2).frames[0]
     assert (out / "p1-s2-l0.5.mp4").read_bytes() == mp4_bytes(frames, pipe.settings.defaults["fps"])

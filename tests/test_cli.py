@@ -75,16 +75,14 @@ def test_demo(tmp_path, capsys):
     assert Image.open(tmp_path / "demo.png").size == (64, 64)
 
 
-def test_generate_video_writes_mp4_and_frame_grid(tmp_path, capsys):
+def test_generate_video_writes_mp4_and_frame_grid(tmp_path, capsys, built_engines):
     """`generate` on a video engine directory: MP4 (decoded back) + frame grid, --lora on the built engines,
     and a frame count the model cannot take refused with the rule."""
-    from diffkiln.engines.build import build
     from diffkiln.lora.reference import make_motion_lora
     from diffkiln.models.registry import load_model
     from diffkiln.runtime.video_io import read_mp4
 
-    engines = tmp_path / "t2v"
-    build("tiny-t2v-ms", engines)
+    engines = built_engines("tiny-t2v-ms")
     out = tmp_path / "cat.mp4"
     assert run("generate", "--engines", engines, "--prompt", "a cat", "--frames", 8, "--steps", 2, "-o", out) == 0
     assert "wrote" in capsys.readouterr().out

@@ -71,13 +71,11 @@ class _Counting:
         return self.engine(feeds)
 
 
-def test_video_request_zero_frames_refused(tmp_path_factory):
+def test_video_request_zero_frames_refused(built_engines):
     """Video: 0 frames is an error naming the rule, not "the default"."""
-    from diffkiln.engines.build import build
     from diffkiln.runtime import load_pipeline
 
-    out = tmp_path_factory.mktemp("t2v") / "engines"
-    build("tiny-t2v-ms", out)
+    out = built_engines("tiny-t2v-ms")
     pipe = load_pipeline(out)
     with pytest.raises(DiffkilnError, match=r"num_frames=0; expected a positive integer"):
         pipe("a cat", num_frames=0, num_inference_steps=1)

@@ -24,12 +24,9 @@ def tiny_os():
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    from diffkiln.engines.build import build
-
-    out = tmp_path_factory.mktemp("osv2-i2v") / "tiny"
-    build("tiny-open-sora-v2", out, backend="onnxruntime")
-    return out
+def engines(built_engines):
+    """tiny-open-sora-v2's ONNX Runtime engine directory (conftest: built once per session, read-only)."""
+    return built_engines("tiny-open-sora-v2")
 
 
 @pytest.fixture(scope="module")

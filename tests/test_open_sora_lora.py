@@ -36,13 +36,9 @@ def sub(model):
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    """One ONNX Runtime engine directory of tiny-open-sora-v2 (same seeded weights as `model`), shared by the tests."""
-    from diffkiln.engines.build import build
-
-    out = tmp_path_factory.mktemp("osv2") / "engines"
-    build("tiny-open-sora-v2", out, backend="onnxruntime")
-    return out
+def engines(built_engines):
+    """tiny-open-sora-v2's ONNX Runtime engine directory (conftest: built once per session, read-only)."""
+    return built_engines("tiny-open-sora-v2")
 
 
 @pytest.fixture(scope="module")

@@ -53,12 +53,9 @@ def decoded(data: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    from diffkiln.engines.build import build
-
-    out = tmp_path_factory.mktemp("serve-i2v") / "tiny"
-    build("tiny-open-sora-v2", out, backend="onnxruntime")
-    return out
+def engines(built_engines):
+    """tiny-open-sora-v2's ONNX Runtime engine directory (conftest: built once per session, read-only)."""
+    return built_engines("tiny-open-sora-v2")
 
 
 @pytest.fixture(scope="module")

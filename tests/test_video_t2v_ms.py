@@ -92,12 +92,9 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    from diffkiln.engines.build import build
-
-    out = tmp_path_factory.mktemp("t2v") / "tiny-t2v-ms"
-    build("tiny-t2v-ms", out, backend="onnxruntime")
-    return out
+def engines(built_engines):
+    """tiny-t2v-ms's ONNX Runtime engine directory (conftest: built once per session, read-only)."""
+    return built_engines("tiny-t2v-ms")
 
 
 @pytest.fixture(scope="module")

@@ -342,12 +342,9 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    from diffkiln.engines.build import build
-
-    out = tmp_path_factory.mktemp("vc2") / "tiny-videocrafter2"
-    build("tiny-videocrafter2", out, backend="onnxruntime")
-    return out
+def engines(built_engines):
+    """tiny-videocrafter2's ONNX Runtime engine directory (conftest: built once per session, read-only)."""
+    return built_engines("tiny-videocrafter2")
 
 
 @pytest.fixture(scope="module")
