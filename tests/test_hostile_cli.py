@@ -23,13 +23,9 @@ from diffkiln.errors import DiffkilnError
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    from diffkiln.engines.build import build
-
-    root = tmp_path_factory.mktemp("hostile-cli")
-    build("tiny-sana", root / "sana")
-    build("tiny-t2v-ms", root / "t2v")
-    return root
+def built(built_engines):
+    """The shared tiny-sana and tiny-t2v-ms engine directories (conftest; read-only)."""
+    return {"sana": built_engines("tiny-sana"), "t2v": built_engines("tiny-t2v-ms")}
 
 
 def snapshot(root: Path) -> dict:
@@ -291,8 +287,8 @@ CASES = [
 def test_cli_refuses_with_one_line(built, tmp_path, monkeypatch, capsys, argv, setup, damage, fragment):
     work = tmp_path / "w"
     work.mkdir()
-    sana, t2v = work / "sana", built / "t2v"
-    shutil.copytree(built / "sana", sana)
+    sana, t2v = work / "sana", built["t2v"]
+    shutil.copytree(built["sana"], sana)
     if damage is not None:
         damage(sana)
     if setup is not None:
@@ -342,7 +338,7 @@ def test_api_checks(built, tmp_path):
     with pytest.raises(DiffkilnError, match="--calibration applies to fp8 / nvfp4"):
         build("tiny-sana", tmp_path / "o", calibration=tmp_path)
     assert not (tmp_path / "o").exists()
-    pipe = load_pipeline(built / "t2v")
+    pipe = load_pipeline(built["t2v"])
     for scale in (float("nan"), float("inf"), True):
         with pytest.raises(DiffkilnError, match="expected a finite number"):
             pipe.set_lora(str(tmp_path / "missing.safetensors"), spatial_scale=scale)

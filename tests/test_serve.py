@@ -25,13 +25,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    from diffkiln.engines.build import build
-
-    d = tmp_path_factory.mktemp("serve")
-    build("tiny-sana", d / "sana")
-    build("tiny-t2v-ms", d / "t2v")
-    return d
+def built(built_engines):
+    """The shared tiny-sana and tiny-t2v-ms engine directories (conftest; read-only)."""
+    return {"sana": built_engines("tiny-sana"), "t2v": built_engines("tiny-t2v-ms")}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +35,7 @@ def server(built):
     from diffkiln.serve import app
 
     port = free_port()
-    app.start(str(built / "sana"), port=port, num_cpus=2, max_batch=4, batch_wait_ms=50, max_queue=8,
+    app.start(str(built["sana"]), port=port, num_cpus=2, max_batch=4, batch_wait_ms=50, max_queue=8,
               engine_options={"threads": 1})
     try:
         yield f"http://127.0.0.1:{port}"
@@ -83,7 +79,7 @@ def test_images_batched_and_identical_to_generate(server, built, tmp_path):
     assert requests == 64 and calls < requests, stats  # same-shape requests shared engine calls
     print(f"64 requests in {calls} engine calls")
 
-    pipe = load_pipeline(built / "sana")
+    pipe = load_pipeline(built["sana"])
     for b, (_, _, raw) in zip(bodies, answers):
         out = json.loads(raw)
         assert out["seeds"] == [b["seed"]] and out["timings"]["batch_requests"] >= 1
@@ -92,7 +88,7 @@ def test_images_batched_and_identical_to_generate(server, built, tmp_path):
     # the CLI with the same seed writes the same pixels as the server's image/png answer
     status, headers, png = call(server + "/v1/images", {"prompt": prompts[1], "seed": 5}, accept="image/png")
     assert status == 200 and headers["content-type"] == "image/png" and headers["x-seed"] == "5"
-    assert main(["generate", "--engines", str(built / "sana"), "--prompt", prompts[1], "--seed", "5",
+    assert main(["generate", "--engines", str(built["sana"]), "--prompt", prompts[1], "--seed", "5",
                  "-o", str(tmp_path / "cli.png")]) == 0
     np.testing.assert_array_equal(pixels(png), pixels((tmp_path / "cli.png").read_bytes()))
 
@@ -128,12 +124,12 @@ def test_video_family_served(server, built):
     from diffkiln.serve.engine import mp4_bytes
 
     port = int(server.rsplit(":", 1)[1])
-    app.start(str(built / "t2v"), port=port, max_batch=2, batch_wait_ms=50, max_queue=4)  # replaces the app
+    app.start(str(built["t2v"]), port=port, max_batch=2, batch_wait_ms=50, max_queue=4)  # replaces the app
     assert json.loads(call(server + "/v1/models")[2])["kind"] == "video"
     bodies = [{"prompt": "a car", "seed": 3, "num_frames": 8}, {"prompt": "a boat", "seed": 4, "num_frames": 8}]
     with cf.ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda b: call(server + "/v1/videos", b), bodies, timeout=120))
-    pipe = load_pipeline(built / "t2v")
+    pipe = load_pipeline(built["t2v"])
     for b, (status, _, raw) in zip(bodies, answers):
         assert status == 200, raw
         out = json.loads(raw)
