@@ -363,7 +363,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--overwrite", action="store_true",
                         help="replace an existing output directory (only one that holds a diffkiln manifest)")
         sp.add_argument("--allow-large-model", action="store_true",
-                        help="build a model whose weights are estimated not to fit in this machine's memory")
+                        help="export a model whose weights are estimated not to fit in this machine's memory: "
+                             "built on the meta device, weights streamed into the ONNX one tensor at a time, "
+                             "parity vs eager recorded as not checked (diffkiln verify where they fit)")
         g = sp.add_argument_group("shapes", "the shapes the engines take (default: the model folder's own ranges)")
         g.add_argument("--min-size", type=int, metavar="PX", help="smallest image side in pixels")
         g.add_argument("--max-size", type=int, metavar="PX", help="largest image side in pixels")

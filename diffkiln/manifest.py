@@ -36,6 +36,9 @@ DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 # weights dtype of an export -> the precision name engine sets use
 DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 PRECISION_DTYPE = {v: k for k, v in DTYPE_PRECISION.items()}
+# engine options key: submodel -> why its parity against eager was not measured (its weights never were in memory);
+# such a submodel has no parity records, and nothing reads its absence as a passed check
+NOT_CHECKED = "parity_not_checked"
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,29 @@ class EngineEntry:
     @property
     def key(self) -> str:
         return f"{self.backend}/{self.target}/{self.precision}"
+
+    @property
+    def unchecked(self) -> dict[str, str]:
+        """submodel -> why its parity was not checked (empty: every submodel's was, or was never claimed)."""
+        return dict(self.options.get(NOT_CHECKED, {}))
+
+    def mark_unchecked(self, name: str, reason: str) -> None:
+        """Record that `name` was not compared against eager, and why (`inspect` shows it as NOT CHECKED)."""
+        self.parity.pop(name, None)
+        self.options.setdefault(NOT_CHECKED, {})[name] = reason
+        self.options["parity"] = "NOT CHECKED: " + "; ".join(sorted(set(self.options[NOT_CHECKED].values())))
+
+    def mark_checked(self, name: str, records: list[dict]) -> None:
+        """Parity measured for `name`: its records replace any not-checked mark."""
+        self.parity[name] = records
+        left = self.options.get(NOT_CHECKED, {})
+        if name in left:
+            left.pop(name)
+            if left:
+                self.options["parity"] = "NOT CHECKED: " + "; ".join(sorted(set(left.values())))
+            else:
+                self.options.pop(NOT_CHECKED)
+                self.options.pop("parity", None)
 
 
 @dataclass
@@ -320,6 +346,12 @@ def _check_engine(where: str, key: str, e, listed: dict) -> None:
             raise FileRefused(f"{where}: {key}.parity.{name}; expected a list of objects")
     for name, sec in e.get("build_seconds", {}).items():
         _typed(where, f"{key}.build_seconds.{name}", sec, (int, float))
+    for name, reason in _typed(where, f"{key}.options.{NOT_CHECKED}", e.get("options", {}).get(NOT_CHECKED, {}),
+                               dict).items():
+        _typed(where, f"{key}.options.{NOT_CHECKED}.{name}", reason, str)
+        if e.get("parity", {}).get(name):
+            raise FileRefused(f"{where}: {key}.options.{NOT_CHECKED}.{name} says its parity was not checked, but "
+                              f"{key}.parity.{name} holds records; expected one or the other")
 
 
 def _printable_keys(where: str, d) -> None:

@@ -105,17 +105,43 @@ def export_into(model, root: Path, names=None, threads: int | None = None) -> Ma
     write_runtime_files(model, root)
     for name, sub in progress(subs.items(), total=len(subs), desc="export"):
         start = time.perf_counter()
-        facts = export_onnx(sub, root / f"{name}.onnx")
-        engine = OnnxRuntimeEngine(root / facts["files"][0], sub.spec, threads=threads)
-        entry.parity[name] = check_parity(sub, EagerEngine(sub.module, sub.spec), engine)
-        require_parity("the ONNX export", name, entry.parity[name])
+        source = model.streamed_source(name, sub.module) if hasattr(model, "streamed_source") else None
+        facts = export_onnx(sub, root / f"{name}.onnx", weights=source)
         entry.files[name] = facts.pop("files")
         entry.options[name] = facts
+        if source is not None:  # a meta module has no eager outputs to compare with
+            entry.mark_unchecked(name, STREAMED_REASON)
+            entry.build_seconds[name] = round(time.perf_counter() - start, 3)
+            log(f"{name}: exported in {facts['export_seconds']:.1f}s, {facts['bytes'] / 1e6:.1f} MB, ORT vs eager "
+                f"NOT CHECKED ({STREAMED_REASON}; `diffkiln verify` where they fit)")
+            continue
+        engine = OnnxRuntimeEngine(root / entry.files[name][0], sub.spec, threads=threads)
+        entry.parity[name] = check_parity(sub, EagerEngine(sub.module, sub.spec), engine)
+        require_parity("the ONNX export", name, entry.parity[name])
         entry.build_seconds[name] = round(time.perf_counter() - start, 3)
         worst = max(r["max_abs"] for r in entry.parity[name])
         log(f"{name}: exported in {facts['export_seconds']:.1f}s, {facts['bytes'] / 1e6:.1f} MB, "
             f"ORT vs eager max abs err {worst:.2e}")
     return new_manifest(model, subs, [entry])
+
+
+# why a submodel exported from the meta device has no parity records (manifest.NOT_CHECKED)
+STREAMED_REASON = "weights exceed host memory: streamed from the meta device"
+
+
+def warn_unchecked(manifest: Manifest, precision: str | None, what: str) -> None:
+    """One line when engines are built from an ONNX export whose parity was not checked: accepted (as TensorRT
+    engines built without their GPU are: "not measured"), never shown as a passed check."""
+    from diffkiln.progress import log
+
+    try:
+        unchecked = manifest.engine("onnxruntime", precision=precision).unchecked
+    except DiffkilnError:
+        return
+    if unchecked:
+        log(f"warning: {what} from an ONNX export whose parity against eager was NOT CHECKED for "
+            f"{', '.join(sorted(unchecked))} ({'; '.join(sorted(set(unchecked.values())))}); run `diffkiln verify` "
+            "where the weights fit in memory")
 
 
 def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", submodels=None,
@@ -166,6 +192,8 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
                 manifest.engine("onnxruntime", precision=want)
             except DiffkilnError as e:
                 raise DiffkilnError(f"{e}. Export at that precision first: diffkiln export MODEL DIR --dtype {dtype}") from e
+    if from_dir and kind.needs_onnx:
+        warn_unchecked(manifest, base_precision if quantized else config.precision, f"{kind.name} engines built")
     same = from_dir and src.resolve() == Path(out).resolve()
     if same and kind.needs_onnx and not quantized and _builds_nothing(kind):
         return manifest  # the export is the engine set, and it is there
@@ -186,8 +214,17 @@ def build(source: str | Path, out: str | Path, backend: str = "onnxruntime", sub
             from diffkiln.export.pipeline import new_manifest, write_runtime_files
 
             model = load_source_model(source, submodels, dtype, ranges, allow_large)
+            streamed = sorted(getattr(model, "weight_sources", {}))
+            if streamed and (quantized or not kind.needs_onnx):
+                raise DiffkilnError(f"the weights of {', '.join(streamed)} exceed this machine's memory and are "
+                                    f"streamed from the meta device, which only the ONNX export does; "
+                                    f"{config.precision if quantized else kind.name} builds need them in "
+                                    "memory: export here (diffkiln export ... --allow-large-model), build elsewhere")
             if kind.needs_onnx:
                 manifest = export_into(model, tmp)
+                if not _builds_nothing(kind):
+                    warn_unchecked(manifest, base_precision if quantized else config.precision,
+                                   f"{kind.name} engines built")
             else:  # compiled from the torch modules; no ONNX needed
                 write_runtime_files(model, tmp)
                 manifest = new_manifest(model, model.submodels(), [])

@@ -14,19 +14,36 @@ from diffkiln.progress import log
 
 
 def parity_shapes(sub, spec, profile: dict | None) -> list[dict]:
-    """The submodel's parity shapes that the engine accepts; for a static profile, its one shape."""
-    shapes = [d for d in sub.shapes if all(spec.dims[k][0] <= v <= spec.dims[k][1] for k, v in d.items())]
+    """The submodel's parity shapes that the engine accepts; for a static profile, its one shape. Dims the spec
+    does not declare (a video transformer's latent frames and sides, which its `tokens` derive from) are the
+    sampler's, not the engine's."""
+    shapes = [d for d in sub.shapes if all(k not in spec.dims or spec.dims[k][0] <= v <= spec.dims[k][1]
+                                           for k, v in d.items())]
     if not shapes and profile:
         shapes = [{**sub.shapes[0], **{k: v[1] for k, v in profile.items() if k in sub.shapes[0]}}]
     return shapes
 
 
+# weights ids of modules exported from the meta device (models.base.Adapter._build_meta): their values come from
+# a weight source, so the eager reference is built the same way and then given them
+STREAMED_IDS = ("seeded-stream:", "safetensors-headers:")
+
+
 def source_model(manifest: Manifest, names: list[str], dtype: str):
-    """Reload the model an engine directory was built from (a preset, or the folder it names); refuse another."""
-    from diffkiln.models.registry import load_model
+    """Reload the model an engine directory was built from (a preset, or the folder it names); refuse another.
+    Submodels exported from the meta device (a streamed weights id) are rebuilt there and given their weights from
+    the same source, when they fit in this machine's memory (else `check_size` refuses, naming the sizes)."""
+    from diffkiln.models.base import check_size
+    from diffkiln.models.loading import torch_dtype
+    from diffkiln.models.registry import adapter_for
 
     source = manifest.model["name"] if manifest.model["source"] == "preset" else manifest.model["source"]
-    model = load_model(source, names, dtype=dtype)
+    recorded = manifest.model.get("weights", {})
+    streamed = any(str(recorded.get(n, "")).startswith(STREAMED_IDS) for n in names)
+    model = adapter_for(source).load_model(source, names, dtype=dtype, meta=True if streamed else None)
+    if streamed:
+        check_size(model, names, torch_dtype(dtype), f"{source} (the eager reference of a streamed export)")
+        model.materialize(names)
     if model.config_hash() != manifest.model["config_hash"]:
         raise DiffkilnError(f"{source} now has config {model.config_hash()}, the engines were built from "
                             f"{manifest.model['config_hash']}: they do not come from this model")
@@ -57,7 +74,7 @@ def verify_engines(root: str | Path, backend: str | None = None, target: str | N
         shapes = parity_shapes(sub, spec, entry.options.get("profiles", {}).get(name))
         sub.shapes = shapes
         eager = EagerEngine(sub.module.to(device), sub.spec, device=device)
-        entry.parity[name] = check_parity(sub, eager, engines[name])
+        entry.mark_checked(name, check_parity(sub, eager, engines[name]))
         worst = max(r["max_abs"] for r in entry.parity[name])
         log(f"{entry.key} {name}: max abs err vs eager {worst:.2e} over {len(shapes)} shape(s)")
         # a failing engine set is refused, not recorded as verified (the manifest is left as it was)

@@ -59,7 +59,11 @@ MIN_COSINE_QUANTIZED = 0.98
 
 def require_parity(what: str, name: str, records: list[dict], min_cosine: float = MIN_COSINE) -> None:
     """Refuse an artifact that does not compute what the eager module does, naming the worst shape. Non-finite
-    outputs (NaN / inf, from either side) never pass."""
+    outputs (NaN / inf, from either side) never pass, and neither does no measurement at all (a submodel whose
+    parity was not checked, `manifest.NOT_CHECKED`, has no records: the gate refuses it rather than pass it)."""
+    if not records:
+        raise DiffkilnError(f"{what} of {name}: its parity against eager was not checked (no records); run "
+                            "`diffkiln verify` where its weights fit in memory")
     for r in records:
         if not r.get("finite", True):
             side = "the eager model itself (check its weights)" if not r.get("ref_finite", True) else "it"

@@ -217,6 +217,9 @@ class FamilyModel(ABC):
     # None: the family has none, or the folder has none (that encoder then reads the main tokenizer's ids)
     tokenizer_2: object = None
     special_tokens_2: dict = field(default_factory=dict)
+    # submodel -> weight source (name -> tensor, `diffkiln.export.streamed`) of a module built on the meta device
+    # (its weights exceed host memory): the export streams them tensor by tensor; empty for modules in memory
+    weight_sources: dict = field(default_factory=dict)
 
     def __getattr__(self, name: str):
         attrs = {c.attr for c in type(self).COMPONENTS}
@@ -319,6 +322,44 @@ class FamilyModel(ABC):
     @property
     def denoiser(self) -> str:
         return self.DENOISER
+
+    def on_meta(self, submodel: str) -> bool:
+        """Whether `submodel`'s module was built on the meta device (no weights in memory; see `weight_sources`)."""
+        return submodel in self.weight_sources
+
+    def streamed_source(self, submodel: str, wrapper):
+        """The weight source of a meta submodel named as its export wrapper `wrapper` names parameters (the
+        component module's names behind the wrapper's attribute path); None for a module in memory."""
+        source = self.weight_sources.get(submodel)
+        if source is None:
+            return None
+        comp = next(c for c in type(self).COMPONENTS if submodel in c.submodels)
+        inner = self.modules[comp.attr]
+        path = next((n for n, m in wrapper.named_modules() if m is inner), None)
+        if path is None:
+            raise DiffkilnError(f"{submodel}: its export wrapper does not hold the {comp.attr} module; cannot stream "
+                                "its weights")
+        prefix = f"{path}." if path else ""
+
+        def named(name: str):
+            if not name.startswith(prefix):
+                raise DiffkilnError(f"{submodel}: weight {name!r} is outside the {comp.attr} module ({prefix!r}); "
+                                    "it has no weight source")
+            return source(name[len(prefix):])
+
+        return named
+
+    def materialize(self, submodels=None) -> None:
+        """Give meta modules their weights from their sources (all at once in memory: small models and tests);
+        they then run eagerly and are no longer streamed."""
+        for comp in type(self).COMPONENTS:
+            wanted = [s for s in comp.submodels if s in self.weight_sources and (submodels is None or s in submodels)]
+            if not wanted:
+                continue
+            source, module = self.weight_sources[wanted[0]], self.modules[comp.attr]
+            module.load_state_dict({n: source(n) for n in module.state_dict()}, assign=True)
+            for s in comp.submodels:
+                self.weight_sources.pop(s, None)
 
     def config(self, attr: str) -> dict:
         return getattr(self, f"{attr}_config")
@@ -510,9 +551,20 @@ def _config_value_error(where: str, config: dict) -> str | None:
     return None
 
 
-def check_size(model, submodels, dtype, where: str, allow_large: bool = False) -> None:
+def host_memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_size(model, submodels, dtype, where: str, allow_large: bool = False) -> bool:
     """Before any module is built: config values within sane bounds, and the weights of the requested submodels
-    (counted on the meta device: no memory) fit in this machine's memory, unless `allow_large`."""
+    (counted on the meta device: no memory) fit in this machine's memory (90 % of `host_memory_bytes`), unless
+    `allow_large`. Returns whether they fit (True when the memory is unknown)."""
     import torch
 
     wanted = [c for c in model.COMPONENTS if c.wanted(submodels)]
@@ -523,18 +575,16 @@ def check_size(model, submodels, dtype, where: str, allow_large: bool = False) -
     with torch.device("meta"):
         params = {c.attr: sum(p.numel() for p in c.build(model.config(c.attr)).parameters()) for c in wanted}
     need = sum(params.values()) * torch.empty((), dtype=dtype).element_size()
-    try:
-        import os
-
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > 0.9 * have and not allow_large:
+    have = host_memory_bytes()
+    if have is None or need <= 0.9 * have:
+        return True
+    if not allow_large:
         sizes = ", ".join(f"{k} {v / 1e6:.0f} M" for k, v in params.items())
         raise DiffkilnError(f"{where}: the weights of {', '.join(c.submodel for c in wanted)} ({sizes} parameters) need "
                             f"{need / 2**30:.1f} GiB in {str(dtype).replace('torch.', '')}; this machine has "
                             f"{have / 2**30:.1f} GiB. Load fewer submodels (--submodels), a smaller dtype, or pass "
-                            "--allow-large-model if you know it fits")
+                            "--allow-large-model to stream them from the meta device")
+    return False
 
 
 def preset_table(*presets) -> dict:
@@ -593,13 +643,17 @@ class Adapter:
         return getattr(preset, "family", None) or next(iter(self.model_cls.FAMILIES.values()))
 
     def load_model(self, source, submodels=None, dtype: str = "float32", ranges: dict | None = None,
-                   allow_large: bool = False):
+                   allow_large: bool = False, meta: bool | None = None):
         """A preset name or a local diffusers folder -> the model object with the requested modules built/loaded.
-        Configs are sanity-checked before any module is built (`check_size`); `allow_large` lifts the memory check."""
+        Configs are sanity-checked before any module is built (`check_size`). `allow_large`: weights that do not fit
+        in this machine's memory are not refused but built on the meta device, each with a weight source
+        (`FamilyModel.weight_sources`: a preset's `SeededSource`, a folder's `SafetensorsSource`) the export streams
+        from. `meta`: True builds them on the meta device whatever their size, False never; None: when they do not
+        fit (and `allow_large`)."""
         submodels = tuple(submodels) if submodels else self.SUBMODELS
         folder, tdtype = check_request(source, submodels, self.SUBMODELS, dtype)
         if folder is not None:
-            model = self._load_folder(folder, submodels, tdtype, allow_large)
+            model = self._load_folder(folder, submodels, tdtype, allow_large, meta)
         else:
             preset = self.get_preset(str(source))
             model = self._new(preset.name, "preset", self.family_of(preset), preset,
@@ -607,8 +661,11 @@ class Adapter:
                               dict(preset.scheduler), self.model_cls.preset_tokenizer(preset), {})
             model.tokenizer_2 = self.model_cls.preset_tokenizer_2(preset)
             model.check_config(f"preset {preset.name}")
-            check_size(model, submodels, tdtype, f"preset {preset.name}", allow_large)
-            self._build_modules(model, submodels, tdtype, preset.seed)
+            fits = check_size(model, submodels, tdtype, f"preset {preset.name}", allow_large or meta is True)
+            if meta if meta is not None else not fits:
+                self._build_meta(model, submodels, tdtype, preset.seed)
+            else:
+                self._build_modules(model, submodels, tdtype, preset.seed)
         return model.with_ranges(ranges)
 
     def _new(self, name, source, family, preset, configs, scheduler, tokenizer, special_tokens):
@@ -628,7 +685,31 @@ class Adapter:
             setattr(model, c.attr, loaded(model, c.submodel, module, dtype))
             _share_weights_id(model, c)
 
-    def _load_folder(self, folder: Path, submodels, dtype, allow_large: bool = False):
+    def _build_meta(self, model, submodels, dtype, seed: int, folder: Path | None = None) -> None:
+        """The requested modules on the meta device (no storage, no weights digest: there are no values to hash),
+        each with its weight source and a weights id naming it: a preset's `SeededSource` ("seeded-stream:<seed>",
+        the module's preset seed), a folder's safetensors read tensor by tensor ("safetensors-headers:<sha256 of
+        the files' headers>": names, dtypes, shapes and offsets, computed without reading the weights)."""
+        import torch
+
+        from diffkiln.export.streamed import SafetensorsSource, SeededSource
+        from diffkiln.models.loading import cast
+
+        for c in self.model_cls.COMPONENTS:
+            if not c.wanted(submodels):
+                continue
+            with torch.device("meta"):
+                module = cast(c.build(model.config(c.attr)), dtype)
+            setattr(model, c.attr, module)
+            if folder is None:
+                source, wid = SeededSource(module, seed + c.seed_offset), f"seeded-stream:{seed + c.seed_offset}"
+            else:
+                check_safetensors(folder / c.attr)
+                source, wid = SafetensorsSource(folder / c.attr), f"safetensors-headers:{_headers_digest(folder / c.attr)}"
+            for s in c.submodels:
+                model.weight_sources[s], model.weights_ids[s] = source, wid
+
+    def _load_folder(self, folder: Path, submodels, dtype, allow_large: bool = False, meta: bool | None = None):
         from tokenizers import Tokenizer
 
         from diffkiln.schedulers import check_scheduler_config
@@ -665,7 +746,10 @@ class Adapter:
                 raise DiffkilnError(f"{tok_2}: not a tokenizers tokenizer.json ({' '.join(str(e).split())[:200]})") from None
             model.special_tokens_2 = folder_special_tokens(folder, self.model_cls.SPECIAL_TOKENS_2, "tokenizer_2")
         model.check_config(str(folder))
-        check_size(model, submodels, dtype, str(folder), allow_large)
+        fits = check_size(model, submodels, dtype, str(folder), allow_large or meta is True)
+        if meta if meta is not None else not fits:
+            self._build_meta(model, submodels, dtype, 0, folder)
+            return model
         for c in self.model_cls.COMPONENTS:
             if c.wanted(submodels):
                 check_safetensors(folder / c.attr)
@@ -679,3 +763,20 @@ def _share_weights_id(model, component: Component) -> None:
     for extra in component.extra:
         model.weights_ids[extra] = model.weights_ids[component.submodel]
 
+
+
+def _headers_digest(sub: Path) -> str:
+    """sha256 (16 hex digits) over a subfolder's safetensors files' names and headers (each file's JSON header:
+    every tensor's name, dtype, shape and offsets), read without the weights."""
+    import hashlib
+    import struct
+
+    h = hashlib.sha256()
+    for f in sorted(sub.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if len(head) < 8 or n > 100 << 20:
+                raise DiffkilnError(f"{f}: not a safetensors file (header length {n if len(head) == 8 else 'missing'})")
+            h.update(f.name.encode() + b"\0" + fh.read(n))
+    return h.hexdigest()[:16]
