@@ -292,3 +292,16 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False, protect=(), ma
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+# checkpoint files that unpickle when loaded (loading one runs arbitrary code): refused everywhere, never opened
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pickle_refusal(src: Path) -> str:
+    """The one-line message for a pickle checkpoint, with the command that converts it to safetensors offline."""
+    return (f"{src}: pickle checkpoints are refused (loading one runs arbitrary code). Convert it offline, in an "
+            f"isolated environment you trust, then run this again on the result: python -c \"import torch, "
+            f"safetensors.torch as s; sd = torch.load('{src}', map_location='cpu', weights_only=True); "
+            f"s.save_file({{k: v.contiguous() for k, v in sd.get('state_dict', sd).items()}}, "
+            f"'{src.with_suffix('.safetensors')}')\"")

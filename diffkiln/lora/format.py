@@ -38,6 +38,12 @@ COMPONENT = "unet"
 DENOISERS = ("unet", "transformer")  # the component prefixes of the denoisers LoRAs apply to
 OTHER_COMPONENTS = ("text_encoder", "text_encoder_2", "te", "te1", "te2")
 METADATA_KEY = "lora_adapter_metadata"
+# Open-Sora 2.0's own PEFT layout (`[base_model.model.]double_blocks.0.img_attn.q_proj.lora_A.weight`): refused here,
+# converted by lora/open_sora.py
+OPEN_SORA_ROOTS = ("double_blocks.", "single_blocks.", "final_layer.", "img_in.", "cond_in.", "txt_in.", "time_in.",
+                   "vector_in.")
+OPEN_SORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+OPEN_SORA_CONVERT = "diffkiln convert open-sora-v2-lora SRC.safetensors OUT.safetensors --head-dim 128"
 
 # (regex on a key, what the key holds); group "mod" is the module path in the file's naming
 _PATTERNS = [
@@ -140,11 +146,9 @@ def read_lora(paths, component: str = COMPONENT) -> Lora:
     configs = {}
     for path in map(Path, paths):
         tensors, meta = read_safetensors(path)
-        from diffkiln.lora.open_sora import CONVERT_COMMAND, is_original_layout
-
-        if is_original_layout(tensors):
+        if is_open_sora_layout(tensors):
             raise DiffkilnError(f"{path}: an Open-Sora 2.0 LoRA in its original key layout ({next(iter(tensors))!r}); "
-                                f"convert it to the diffusers Flux layout first: {CONVERT_COMMAND}")
+                                f"convert it to the diffusers Flux layout first: {OPEN_SORA_CONVERT}")
         conf = _config(meta, path)
         configs[str(path)] = conf
         pairs: dict[str, dict] = {}
@@ -192,7 +196,7 @@ def read_lora(paths, component: str = COMPONENT) -> Lora:
     return Lora(modules, configs, [str(p) for p in paths])
 
 
-def _pattern_value(patterns: dict, module: str):
+def pattern_value(patterns: dict, module: str):
     """PEFT-style rank/alpha pattern lookup: a pattern names the module or a dotted suffix of it (regex)."""
     for pattern, value in (patterns or {}).items():
         if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
@@ -204,7 +208,7 @@ def module_factor(m: LoraModule, config: dict) -> float:
     """alpha / r (alpha / sqrt(r) with rsLoRA) of one module, alpha = r when nothing says otherwise."""
     alpha = m.alpha
     if alpha is None:
-        alpha = _pattern_value(config.get("alpha_pattern"), m.name)
+        alpha = pattern_value(config.get("alpha_pattern"), m.name)
     if alpha is None:
         alpha = config.get("lora_alpha", m.rank)
     r = m.rank
@@ -271,3 +275,8 @@ def lora_deltas(lora: Lora, weights: dict, spatial_scale: float = 1.0, temporal_
         delta = (m.up.reshape(shape[0], r) @ m.down.reshape(r, -1)).reshape(shape) * factor
         deltas[key] = deltas[key] + delta if key in deltas else delta.astype(np.float32)
     return deltas
+
+
+def is_open_sora_layout(keys) -> bool:
+    """Whether LoRA keys name Open-Sora's MMDiT modules (`[base_model.model.]double_blocks.0.img_attn.q_proj...`)."""
+    return any((m := OPEN_SORA_KEY.match(k)) is not None and m.group("mod").startswith(OPEN_SORA_ROOTS) for k in keys)

@@ -22,18 +22,16 @@ rank, so the converted file needs no metadata.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_write_bytes, read_json_file
+from diffkiln.lora.format import OPEN_SORA_KEY as _KEY
+from diffkiln.lora.format import pattern_value
 from diffkiln.lora.safetensors_np import read_safetensors
 
-ORIGINAL_ROOTS = ("double_blocks.", "single_blocks.", "final_layer.", "img_in.", "cond_in.", "txt_in.", "time_in.",
-                  "vector_in.")
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 # original module -> diffusers module (per block index), for the pairs that only change names
 _DOUBLE = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear", "img_attn.v_proj": "attn.to_v",
            "txt_attn.v_proj": "attn.add_v_proj", "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
@@ -49,15 +47,6 @@ _TOP = {"time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
         "txt_in": "context_embedder", "final_layer.linear": "proj_out"}
 
 
-def is_original_layout(keys) -> bool:
-    """Whether LoRA keys name Open-Sora's MMDiT modules (`[base_model.model.]double_blocks.0.img_attn.q_proj...`)."""
-    for key in keys:
-        m = _KEY.match(key)
-        if m and m.group("mod").startswith(ORIGINAL_ROOTS):
-            return True
-    return False
-
-
 def qk_rows(head_dim: int, heads: int) -> np.ndarray:
     """Per head, the original row at each diffusers row: [0, D/2, 1, D/2 + 1, ...] (convert_open_sora.rope_permutation)."""
     half = head_dim // 2
@@ -66,9 +55,7 @@ def qk_rows(head_dim: int, heads: int) -> np.ndarray:
 
 
 def _factor(config: dict, module: str, rank: int) -> float:
-    from diffkiln.lora.format import _pattern_value
-
-    alpha = _pattern_value(config.get("alpha_pattern"), module)
+    alpha = pattern_value(config.get("alpha_pattern"), module)
     alpha = config.get("lora_alpha", rank) if alpha is None else alpha
     return float(alpha) / (float(np.sqrt(rank)) if config.get("use_rslora") else float(rank))
 
@@ -178,7 +165,6 @@ def read_original(path: str | Path) -> tuple[dict, dict]:
     return {m: (s["A"], s["B"]) for m, s in pairs.items()}, config
 
 
-CONVERT_COMMAND = "diffkiln convert open-sora-v2-lora SRC.safetensors OUT.safetensors --head-dim 128"
 
 
 def convert_lora_file(src: str | Path, out: str | Path, head_dim: int = 128, overwrite: bool = False) -> Path:
@@ -188,7 +174,7 @@ def convert_lora_file(src: str | Path, out: str | Path, head_dim: int = 128, ove
     `overwrite`; the file is written atomically. CLI: `diffkiln convert open-sora-v2-lora SRC OUT`."""
     from safetensors.numpy import save
 
-    from diffkiln.models.convert_videocrafter2 import PICKLE_SUFFIXES, pickle_refusal
+    from diffkiln.fileio import PICKLE_SUFFIXES, pickle_refusal
 
     src, out = Path(src), Path(out)
     refusals = ((src.suffix.lower() in PICKLE_SUFFIXES, lambda: pickle_refusal(src)),

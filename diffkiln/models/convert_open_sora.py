@@ -33,7 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.models.convert_videocrafter2 import PICKLE_SUFFIXES, pickle_refusal
+from diffkiln.fileio import PICKLE_SUFFIXES, pickle_refusal
 
 ROPE_THETA = 10000
 

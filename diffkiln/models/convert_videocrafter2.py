@@ -25,8 +25,8 @@ import re
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
+from diffkiln.fileio import PICKLE_SUFFIXES, pickle_refusal
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."
 RESNET = (("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
           ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut."))
@@ -34,15 +34,6 @@ EMBED = (("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_
          ("fps_embedding.0.", "fps_embedding.linear_1."), ("fps_embedding.2.", "fps_embedding.linear_2."),
          ("input_blocks.0.0.", "conv_in."), ("init_attn.0.", "transformer_in."), ("out.0.", "conv_norm_out."),
          ("out.2.", "conv_out."))
-
-
-def pickle_refusal(src: Path) -> str:
-    """The one-line message for a pickle checkpoint, with the command that converts it to safetensors offline."""
-    return (f"{src}: pickle checkpoints are refused (loading one runs arbitrary code). Convert it offline, in an "
-            f"isolated environment you trust, then run this again on the result: python -c \"import torch, "
-            f"safetensors.torch as s; sd = torch.load('{src}', map_location='cpu', weights_only=True); "
-            f"s.save_file({{k: v.contiguous() for k, v in sd.get('state_dict', sd).items()}}, "
-            f"'{src.with_suffix('.safetensors')}')\"")
 
 
 def _resnet_or_temporal(rest: str, parent: str, r: int) -> str:

@@ -6,9 +6,8 @@ import inspect
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.fileio import sha256_json
+from diffkiln.fileio import PICKLE_SUFFIXES, sha256_json
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = ("float32", "float16", "bfloat16")
 # transformers config keys that say nothing about the architecture
 GENERIC_CONFIG_KEYS = {"transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
