@@ -29,6 +29,7 @@ from diffkiln.models.t2v_ms import (
     t2v_submodels,
 )
 from diffkiln.models.t2v_ms import PRESETS as T2V_PRESETS
+from diffkiln.runtime.videocrafter2 import X0_RESCALE
 
 FAMILY = "videocrafter2"
 PIPELINE_CLASSES = {"VideoCrafter2Pipeline": FAMILY}
@@ -38,8 +39,6 @@ UNET_CLASS = "diffkiln.models.videocrafter2_unet.VideoCrafter2UNet3DModel"
 # 1x/2x/4x downsampling, num_head_channels 64, context_dim 1024, temporal conv + temporal self-attention, an
 # initial temporal transformer (8 heads x 64), fps_cond; image_size [40, 64] latents (320x512 px)
 UNET_VC2 = dict(UNET3D_1_7B, sample_size=[40, 64])
-# lvdm/models/ddpm3d.py (use_scale: scale_a 1.0, mid_step 400) with the config's scale_b 0.7
-X0_RESCALE = {"start": 1.0, "end": 0.7, "ramp_steps": 400}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,7 +18,7 @@ import torch
 from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
 from diffusers.models.embeddings import TimestepEmbedding
 
-from diffkiln.models.videocrafter2 import X0_RESCALE
+from diffkiln.runtime.videocrafter2 import X0_RESCALE
 
 DEFAULT_FPS = 28  # VideoCrafter2's inference default (scripts/run_text2video.sh: --fps 28)
 

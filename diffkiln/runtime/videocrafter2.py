@@ -20,6 +20,10 @@ from diffkiln.errors import DiffkilnError
 from diffkiln.runtime.pipeline import run_batched
 from diffkiln.runtime.t2v_ms import TextToVideoMsPipeline
 
+# lvdm/models/ddpm3d.py (use_scale: scale_a 1.0, mid_step 400) with the config's scale_b 0.7: the x0 rescaling
+# VideoCrafter2 was trained with (presets write it into pipeline.json)
+X0_RESCALE = {"start": 1.0, "end": 0.7, "ramp_steps": 400}
+
 
 def x0_scale(t: int, start: float, end: float, ramp_steps: int) -> float:
     """VideoCrafter2's scale_arr[t]: `ramp_steps` values from `start` to `end` (numpy linspace), then `end`."""
