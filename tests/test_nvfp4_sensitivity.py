@@ -188,7 +188,8 @@ def test_tensorrt_form_builds_for_sm120_and_is_refused_for_sm89(nvfp4_dir):
 
     from diffkiln.engines.skus import check_precision
     from diffkiln.engines.tensorrt import load_flavor
-    from diffkiln.engines.tensorrt_build import TensorRTBuildConfig, build_engine
+    from diffkiln.engines.tensorrt_build import TensorRTBuildConfig
+    from diffkiln.engines.tensorrt_compile import build_engine
 
     root, manifest, e, _ = nvfp4_dir
     path = root / e.options["tensorrt_onnx"]

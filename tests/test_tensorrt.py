@@ -232,7 +232,7 @@ def test_unsupported_op_is_a_clear_error(tmp_path):
     from onnx import TensorProto, helper
 
     from diffkiln.engines.tensorrt import load_flavor
-    from diffkiln.engines.tensorrt_build import build_engine
+    from diffkiln.engines.tensorrt_compile import build_engine
 
     node = helper.make_node("NoSuchOp", ["x"], ["y"], domain="diffkiln")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],

@@ -24,7 +24,7 @@ def _build_task(flavor_name: str, files: dict, onnx_name: str, input_shapes: dic
     import ray
 
     from diffkiln.engines.tensorrt import load_flavor
-    from diffkiln.engines.tensorrt_build import build_engine
+    from diffkiln.engines.tensorrt_compile import build_engine
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="diffkiln-ray-build-") as tmp:
