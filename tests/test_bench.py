@@ -45,16 +45,19 @@ def test_cpu_smoke_suite(tmp_path, capsys):
 
 
 def test_cpu_video_smoke_suite(tmp_path):
-    """The three tiny video families through the same harness: frames per second, the UNet or transformer
-    as the denoiser stage, the video vs eager's to float precision."""
+    """The five tiny video families through the same harness: frames per second, the UNet or transformer
+    as the denoiser stage (Open-Sora: its CLIP too), the video vs eager's to float precision."""
     from diffkiln.benchmarks.run import run_suite
     from diffkiln.benchmarks.suites import get_suite
 
     results = run_suite(get_suite("cpu-video-smoke"), tmp_path, repeats=1)
-    assert [c["case"]["preset"] for c in results["cases"]] == ["tiny-t2v-ms", "tiny-cogvideox", "tiny-sana-video"]
+    assert [c["case"]["preset"] for c in results["cases"]] == ["tiny-t2v-ms", "tiny-cogvideox", "tiny-sana-video",
+                                                               "tiny-videocrafter2", "tiny-open-sora-v2"]
     for case in results["cases"]:
-        denoiser = "unet" if case["case"]["preset"] == "tiny-t2v-ms" else "transformer"
-        assert set(case["speedup"]) == {"text_encoder", denoiser, "vae_decoder", "total"}, case["speedup"]
+        preset = case["case"]["preset"]
+        denoiser = "unet" if preset in ("tiny-t2v-ms", "tiny-videocrafter2") else "transformer"
+        stages = {"text_encoder", denoiser, "vae_decoder", "total"} | ({"text_encoder_2"} if "open-sora" in preset else set())
+        assert set(case["speedup"]) == stages, case["speedup"]
         assert all(finite(v) and v > 0 for v in case["speedup"].values())
         assert case["case"]["frames"] in (8, 9) and finite(case["engine"]["images_per_s"])
         assert case["quality"]["max_abs"] < 1e-4, case["quality"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-STAGES = ("text_encoder", "transformer", "unet", "vae_decoder", "total")
+STAGES = ("text_encoder", "text_encoder_2", "transformer", "unet", "vae_decoder", "total")
 
 
 def time_stages(pipe, repeats: int = 3, warmup: int = 1, **call) -> dict:

@@ -66,8 +66,10 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
                 "would need onnxruntime-gpu. The one prepared H100/H200 run is scripts/device_run.sh "
                 "(diffkiln.benchmarks.device)"),
     Suite("cpu-video-smoke", "the tiny video models on CPU, seconds: every number present (CI)",
-          ("tiny-t2v-ms", "tiny-cogvideox", "tiny-sana-video"), (("onnxruntime", "fp32", "cpu"),), (), (2,), repeats=2,
-          video_sizes=(("tiny-t2v-ms", (32, 32, 8)), ("tiny-cogvideox", (32, 32, 9)), ("tiny-sana-video", (32, 32, 9)))),
+          ("tiny-t2v-ms", "tiny-cogvideox", "tiny-sana-video", "tiny-videocrafter2", "tiny-open-sora-v2"),
+          (("onnxruntime", "fp32", "cpu"),), (), (2,), repeats=2,
+          video_sizes=(("tiny-t2v-ms", (32, 32, 8)), ("tiny-cogvideox", (32, 32, 9)), ("tiny-sana-video", (32, 32, 9)),
+                       ("tiny-videocrafter2", (32, 32, 8)), ("tiny-open-sora-v2", (32, 32, 9)))),
     Suite("gpu-video", "real video architectures (random weights) at their native sizes on one GPU, 20 steps",
           ("text-to-video-ms-1.7b", "cogvideox-2b", "sana-video-2b", "videocrafter2", "open-sora-v2"),
           (("aoti", "bf16", "cuda"), ("tensorrt", "fp16", "cuda")), (), (20,), repeats=3, needs_gpu=True,
