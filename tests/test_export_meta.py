@@ -131,3 +131,29 @@ def test_real_open_sora_transformer_refused_without_flag(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--allow-large-model" in err[0] and "transformer" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_folder_streams_from_its_safetensors(tmp_path):
+    """A diffusers folder: the meta module's source is the folder's own safetensors (weights id from their headers),
+    the export equals eager on the folder loaded in memory, and verify rebuilds that reference from the same files."""
+    from diffkiln.engines.build import STREAMED_REASON, export_pipeline
+    from diffkiln.engines.eager import EagerEngine
+    from diffkiln.engines.onnxruntime import OnnxRuntimeEngine
+    from diffkiln.export.parity import check_parity
+    from diffkiln.manifest import read_manifest
+    from diffkiln.models.registry import adapter_for, load_model
+
+    load_model(PRESET).save_pretrained(tmp_path / "folder")
+    adapter = adapter_for(tmp_path / "folder")
+    model = adapter.load_model(tmp_path / "folder", [NAME], meta=True)
+    wid = model.weights_ids[NAME]
+    assert wid.startswith("safetensors-headers:") and model.on_meta(NAME)
+    assert adapter.load_model(tmp_path / "folder", [NAME], meta=True).weights_ids[NAME] == wid
+    export_pipeline(model, tmp_path / "engines")
+    assert read_manifest(tmp_path / "engines").engine("onnxruntime").unchecked == {NAME: STREAMED_REASON}
+    real = load_model(tmp_path / "folder", [NAME]).submodels([NAME])[NAME]
+    engine = OnnxRuntimeEngine(tmp_path / "engines" / f"{NAME}.onnx", real.spec)
+    for r in check_parity(real, EagerEngine(real.module, real.spec), engine):
+        assert r["finite"] and r["max_abs"] <= TOL, r
+    assert cli("verify", tmp_path / "engines", "--backend", "onnxruntime") == 0
+    assert not read_manifest(tmp_path / "engines").engine("onnxruntime").unchecked
