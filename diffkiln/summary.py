@@ -31,6 +31,8 @@ def summary(root: str | Path) -> str:
             worst = max(e.parity.get(name, [{}]), key=lambda r: r.get("max_abs", 0), default={})
             if worst:
                 par = f"max abs err {worst['max_abs']:.2e}, cosine {worst['cosine']:.7f}"
+            elif name in e.unchecked:
+                par = f"NOT CHECKED: {e.unchecked[name]}"
             else:
                 par = e.options.get("parity", "no parity recorded")
                 if name in e.options.get("onnx_parity", {}):

@@ -41,9 +41,9 @@ def exported(tmp_path_factory):
 def reference():
     """The same submodel with its weights from the same SeededSource, in memory (explicit meta=True, then given
     them: `FamilyModel.materialize`)."""
-    from diffkiln.models.registry import adapter_for
+    from diffkiln.models.registry import load_model
 
-    model = adapter_for(PRESET).load_model(PRESET, [NAME], meta=True)
+    model = load_model(PRESET, [NAME], meta=True)
     assert model.weights_ids[NAME] == "seeded-stream:1" and model.on_meta(NAME)
     model.materialize()
     assert not model.on_meta(NAME) and not any(p.is_meta for p in getattr(model, NAME).parameters())

@@ -61,11 +61,13 @@ def adapter_for(source: str | Path):
 
 
 def load_model(source: str | Path, submodels=None, dtype: str = "float32", ranges: dict | None = None,
-               allow_large: bool = False):
+               allow_large: bool = False, meta: bool | None = None):
     """A preset name or a local diffusers folder -> the adapter's model object with those submodels built.
     `ranges`: user-declared shape ranges (min_size, max_size, max_batch, min_frames, max_frames), see
-    `diffkiln.models.base.FamilyModel.with_ranges`."""
-    return adapter_for(source).load_model(source, submodels, dtype=dtype, ranges=ranges, allow_large=allow_large)
+    `diffkiln.models.base.FamilyModel.with_ranges`; `meta`: build the modules on the meta device with weight
+    sources for the streamed export (None: when they do not fit host memory and `allow_large`)."""
+    return adapter_for(source).load_model(source, submodels, dtype=dtype, ranges=ranges, allow_large=allow_large,
+                                          meta=meta)
 
 
 def all_submodel_names() -> tuple[str, ...]:
