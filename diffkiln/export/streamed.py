@@ -183,7 +183,7 @@ def trace_graph(sub: Submodel, path: Path, opset: int = OPSET, dims: dict | None
     import onnx
     import torch
 
-    from diffkiln.export.onnx import rank_explicit_movedim
+    from diffkiln.export.tracing import rank_explicit_movedim
 
     spec = sub.spec
     feeds = sub.sample(dims or sub.shapes[0], 0)
