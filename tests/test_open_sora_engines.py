@@ -67,14 +67,14 @@ def test_parsed_networks_have_the_declared_io(built, preset):
     """TensorRT-RTX's parse of each graph (strongly typed) has exactly the manifest's inputs and outputs: names, float32 /
     int64 I/O (the casts stay inside the graph), ranks, and -1 where the manifest declares a dynamic dim."""
     from diffkiln.engines.tensorrt import load_flavor
-    from diffkiln.engines.tensorrt_build import _parse
+    from diffkiln.engines.tensorrt_compile import parse_network
 
     root = built[1][preset]
     m = read_manifest(root)
     flavor = load_flavor("tensorrt_rtx")
     dtypes = {"float32": trt.float32, "int64": trt.int64}
     for name, (onnx_file,) in m.engine("onnxruntime", precision="fp16").files.items():
-        _builder, net, _parser = _parse(trt, flavor, root / onnx_file)
+        _builder, net, _parser = parse_network(trt, flavor, root / onnx_file)
         spec = m.submodels[name]
         ins = [net.get_input(i) for i in range(net.num_inputs)]
         outs = [net.get_output(i) for i in range(net.num_outputs)]

@@ -12,7 +12,9 @@ from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_write_bytes
 
 
-def _parse(trt, flavor: Flavor, onnx_path: Path):
+def parse_network(trt, flavor: Flavor, onnx_path: Path):
+    """A strongly typed network parsed from `onnx_path` (builder, network, parser); a parse error is one line naming
+    each failing node and op."""
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -34,7 +36,7 @@ def build_engine(flavor: Flavor, onnx_path: Path, input_shapes: dict[str, tuple]
     builder options (optimization_level, refittable, workspace_gib)."""
     trt = flavor.module
     with tempfile.TemporaryDirectory(prefix="diffkiln-plugins-") as tmp:
-        builder, network, _parser = _parse(trt, flavor, _with_plugins(flavor, onnx_path, sku, Path(tmp)))
+        builder, network, _parser = parse_network(trt, flavor, _with_plugins(flavor, onnx_path, sku, Path(tmp)))
         return _build(trt, flavor, builder, network, onnx_path, input_shapes, profile, sku, config, timing_cache)
 
 

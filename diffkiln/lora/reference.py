@@ -83,19 +83,18 @@ def make_motion_lora(unet, path: str | Path, kind: str = "temporal", rank: int =
     return path
 
 
-def diffusers_lora_unet(unet, adapters: dict, fuse_scale: float | None = None):
-    """A copy of `unet` with LoRA files loaded by diffusers' `TextToVideoSDPipeline.load_lora_weights`:
-    `adapters` {name: (file, weight)} -> `set_adapters(names, weights)`; `fuse_scale` -> `fuse_lora(lora_scale=)`."""
-    from diffusers import TextToVideoSDPipeline
+def _diffusers_loaded(make_pipe, model, adapters: dict, fuse_scale: float | None):
+    """`model` with LoRA files loaded by diffusers' own pipeline (`make_pipe(model)`): `adapters` {name: (file,
+    weight)} -> `load_lora_weights` + `set_adapters(names, weights)`; `fuse_scale` -> `fuse_lora(lora_scale=)`, then
+    unloaded."""
     from diffusers.utils import logging as dlog
 
-    model = peft_unet(copy.deepcopy(unet))
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()  # the deprecation notice and "no text_encoder keys" are not findings here
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: intended
-            pipe = TextToVideoSDPipeline(vae=None, text_encoder=None, tokenizer=None, unet=model, scheduler=None)
+            pipe = make_pipe(model)
             for name, (file, _w) in adapters.items():
                 pipe.load_lora_weights(str(Path(file).parent), weight_name=Path(file).name, adapter_name=name)
             pipe.set_adapters(list(adapters), [w for _f, w in adapters.values()])
@@ -105,6 +104,15 @@ def diffusers_lora_unet(unet, adapters: dict, fuse_scale: float | None = None):
     finally:
         dlog.set_verbosity(level)
     return model.eval()
+
+
+def diffusers_lora_unet(unet, adapters: dict, fuse_scale: float | None = None):
+    """A copy of `unet` with LoRA files loaded by diffusers' `TextToVideoSDPipeline.load_lora_weights`."""
+    from diffusers import TextToVideoSDPipeline
+
+    return _diffusers_loaded(lambda m: TextToVideoSDPipeline(vae=None, text_encoder=None, tokenizer=None, unet=m,
+                                                             scheduler=None),
+                             peft_unet(copy.deepcopy(unet)), adapters, fuse_scale)
 
 
 def torch_weight_shapes(module) -> dict[str, tuple]:
@@ -157,25 +165,9 @@ def make_flux_lora(transformer, path: str | Path, rank: int = 4, alpha: float = 
 
 
 def diffusers_lora_transformer(transformer, adapters: dict, fuse_scale: float | None = None):
-    """A copy of a FluxTransformer2DModel with LoRA files loaded by diffusers' `FluxPipeline.load_lora_weights`
-    (`adapters` {name: (file, weight)} -> `set_adapters`; `fuse_scale` -> `fuse_lora(lora_scale=)`, then unloaded)."""
+    """A copy of a FluxTransformer2DModel with LoRA files loaded by diffusers' `FluxPipeline.load_lora_weights`."""
     from diffusers import FluxPipeline
-    from diffusers.utils import logging as dlog
 
-    model = copy.deepcopy(transformer)
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                tokenizer_2=None, transformer=model)
-            for name, (file, _w) in adapters.items():
-                pipe.load_lora_weights(str(Path(file).parent), weight_name=Path(file).name, adapter_name=name)
-            pipe.set_adapters(list(adapters), [w for _f, w in adapters.values()])
-            if fuse_scale is not None:
-                pipe.fuse_lora(lora_scale=fuse_scale, adapter_names=list(adapters))
-                pipe.unload_lora_weights()
-    finally:
-        dlog.set_verbosity(level)
-    return model.eval()
+    return _diffusers_loaded(lambda m: FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                                    text_encoder_2=None, tokenizer_2=None, transformer=m),
+                             copy.deepcopy(transformer), adapters, fuse_scale)
