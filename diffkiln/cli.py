@@ -92,6 +92,10 @@ def cmd_generate(args) -> None:
 
     backend, options = _engine_choice(args)
     video = is_video(args.engines)
+    if not video:  # or not an engine directory at all: that is the error, not the model kind
+        from diffkiln.manifest import read_manifest
+
+        read_manifest(args.engines, verify=False)
     if not video and (args.frames is not None or args.lora):
         raise DiffkilnError(f"--frames / --lora: {args.engines} holds an image model")
     if video and args.resolution_binning:

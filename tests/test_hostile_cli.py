@@ -111,6 +111,11 @@ CASES = [
     ("gen-negative-surrogate", SANA_GEN + ["--negative-prompt", "\udcff"], None, None, "negative_prompt 0 is not valid text"),
     ("gen-frames-on-image", SANA_GEN + ["--frames", "4"], None, None, "holds an image model"),
     ("gen-lora-on-image", SANA_GEN + ["--lora", "x.safetensors"], None, None, "holds an image model"),
+    # a path that is no engine directory is that error, not "an image model"
+    ("gen-frames-no-engine-dir", ["generate", "--engines", "nowhere", "--prompt", "x", "--frames", "4"], None, None,
+     "nowhere is not an engine directory: manifest.json is missing"),
+    ("gen-image-no-engine-dir", ["generate", "--engines", "nowhere", "--prompt", "x", "--image", "a.png"], None, None,
+     "nowhere is not an engine directory: manifest.json is missing"),
     ("gen-scheduler-unknown", SANA_GEN + ["--scheduler", "Nope"], None, None, "--scheduler 'Nope'; expected one of"),
     ("gen-scheduler-vp-on-flow", SANA_GEN + ["--scheduler", "DDIMScheduler"], None, None, "does not sample this flow model"),
     ("gen-backend-absent", SANA_GEN + ["--backend", "tensorrt"], None, None, "has no TensorRT engines"),

@@ -267,6 +267,7 @@ def test_cli_bad_image_files(engines, tmp_path, capsys, kind, match):
     rc, err = _cli(capsys, ["generate", "--engines", str(engines), "--prompt", "x", "--image", str(path),
                             "--output", str(tmp_path / "v.mp4")])
     assert rc == 2 and match in err and len(err.splitlines()) == 1, err
+    assert "BytesIO" not in err  # the file is named, not the buffer Pillow read it from
     assert not (tmp_path / "v.mp4").exists()
 
 

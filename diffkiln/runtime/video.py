@@ -248,7 +248,10 @@ def read_image_bytes(data: bytes, where: str) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except Image.DecompressionBombError as e:
         raise DiffkilnError(f"{where}: {e}") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+    except Image.UnidentifiedImageError:  # its text names the BytesIO object, not the file
+        raise DiffkilnError(f"{where}: not a readable image (Pillow cannot identify it); expected a PNG or JPEG "
+                            "file") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise DiffkilnError(f"{where}: not a readable image ({' '.join(str(e).split())[:120]}); expected a PNG or "
                             "JPEG file") from None
 
