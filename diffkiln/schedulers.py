@@ -63,7 +63,7 @@ def _f32(fn: Any, x: Any) -> np.float32:
     return F32(fn(np.float64(x)))
 
 
-def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     """``torch.linspace(start, end, steps)`` in float32: torch's CPU formula with its fused multiply-add
     (``start + step*i`` for the first half, ``end - step*(steps-1-i)`` for the rest), emulated in float64."""
     start32, end32 = F32(start), F32(end)
@@ -107,11 +107,11 @@ def _betas(c: dict, scaled_linear_dtype: type = np.float32) -> np.ndarray:
     if c.get("trained_betas") is not None:
         return np.asarray(c["trained_betas"], dtype=np.float64).astype(np.float32)
     if c["beta_schedule"] == "linear":
-        return _torch_linspace_f32(c["beta_start"], c["beta_end"], T)
+        return torch_linspace_f32(c["beta_start"], c["beta_end"], T)
     if c["beta_schedule"] == "scaled_linear":
         if scaled_linear_dtype == np.float64:
             return _torch_linspace_f64(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T) ** 2
-        root = _torch_linspace_f32(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T)
+        root = torch_linspace_f32(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T)
         return (root * root).astype(np.float32)
     # squaredcos_cap_v2: the cosine alpha-bar of improved DDPM, in float64, capped at 0.999
     bar = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
@@ -543,7 +543,7 @@ class SCMScheduler(Scheduler):
         elif intermediate_timesteps is not None:
             self.timesteps = np.array([max_timesteps, intermediate_timesteps, 0], dtype=np.float32)
         else:
-            self.timesteps = _torch_linspace_f32(max_timesteps, 0.0, num_inference_steps + 1)
+            self.timesteps = torch_linspace_f32(max_timesteps, 0.0, num_inference_steps + 1)
         self.sigmas = np.zeros(0, np.float32)
         self._reset(num_inference_steps)
 

@@ -125,7 +125,7 @@ def test_three_pass_guidance_one_step(pipe):
     cond = pipe.encode_prompt([PROMPT], [NEGATIVE], 7.5, {})
     pixels = reference_pixels(first_frame(32, 32), 32, 32)
     ref = pipe.engines["vae_encoder"]({"image": pixels[None]})["latents"]
-    pipe._sigmas, pipe._steps_n = schedule(4, shape, pipe.sampler), 4
+    pipe._sigmas = schedule(4, shape, pipe.sampler)
     pipe._index = {float(s): i for i, s in enumerate(pipe._sigmas[:-1])}
     packed, zeros = pack(x), np.zeros((1, 12, 20), np.float32)
     cnd = condition(ref, shape)

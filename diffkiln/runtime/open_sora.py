@@ -34,6 +34,7 @@ from diffkiln.errors import DiffkilnError
 from diffkiln.runtime.pipeline import run_batched
 from diffkiln.runtime.text import PromptTokenizer
 from diffkiln.runtime.video import VideoPipeline
+from diffkiln.schedulers import torch_linspace_f32
 
 PATCH = 2
 
@@ -72,18 +73,6 @@ def oscillated(scale: float, i: int, start: int) -> float:
     return scale if i < start or i % 2 == 0 else 1.0
 
 
-def torch_linspace(start: float, end: float, n: int) -> np.ndarray:
-    """torch.linspace in float32: the first half stepped from `start`, the second from `end` (its kernel's order)."""
-    if n == 1:
-        return np.array([start], np.float32)
-    step = np.float32((np.float32(end) - np.float32(start)) / np.float32(n - 1))
-    i = np.arange(n)
-    half = n // 2
-    out = np.where(i < half, np.float32(start) + step * i.astype(np.float32),
-                   np.float32(end) - step * (n - 1 - i).astype(np.float32))
-    return out.astype(np.float32)
-
-
 def image_scale(guidance_img: float, i: int, steps: int, sampler: dict, tokens_shape: tuple) -> np.float32 | np.ndarray:
     """I2VDenoiser's image guidance at step i: oscillated (image_osci), then with scale_temporal_osci and a scale
     above 1 a ramp from 1 at latent frame 0 to linspace(g, 1, steps + 1)[i] at the last, per packed token
@@ -92,8 +81,8 @@ def image_scale(guidance_img: float, i: int, steps: int, sampler: dict, tokens_s
     if not (g > 1.0 and sampler["scale_temporal_osci"]):
         return np.float32(g)
     t, hh, ww = tokens_shape
-    upper = torch_linspace(g, 1.0, steps + 1)[i]
-    ramp = torch_linspace(1.0, float(upper), t)
+    upper = torch_linspace_f32(g, 1.0, steps + 1)[i]
+    ramp = torch_linspace_f32(1.0, float(upper), t)
     return np.repeat(ramp, hh * ww).reshape(1, -1, 1)
 
 
@@ -203,7 +192,6 @@ class OpenSoraV2Pipeline(VideoPipeline):
 
     def denoise(self, latents, cond, steps, guidance, rng, timings, callback, progress):
         self._sigmas = schedule(steps, latents.shape, self.sampler)
-        self._steps_n = steps
         cond = dict(cond, guidance=guidance)
         latents = super().denoise(latents, cond, steps, guidance, rng, timings, callback, progress)
         if cond.get("reference") is not None:  # i2v_head: latent frame 0 is the reference's
@@ -238,7 +226,8 @@ class OpenSoraV2Pipeline(VideoPipeline):
         v = self._timed(timings, "transformer", self._transformer, feeds)
         if n == 3:
             text, neg, neg0 = np.split(v, 3)
-            gi = image_scale(cond["guidance_img"], i, self._steps_n, self.sampler, (frames, h // PATCH, w // PATCH))
+            gi = image_scale(cond["guidance_img"], i, len(self._sigmas) - 1, self.sampler,
+                             (frames, h // PATCH, w // PATCH))
             v = neg0 + gi * (neg - neg0) + np.float32(g) * (text - neg)
         elif n == 2:
             text, neg = np.split(v, 2)
