@@ -305,3 +305,11 @@ def pickle_refusal(src: Path) -> str:
             f"safetensors.torch as s; sd = torch.load('{src}', map_location='cpu', weights_only=True); "
             f"s.save_file({{k: v.contiguous() for k, v in sd.get('state_dict', sd).items()}}, "
             f"'{src.with_suffix('.safetensors')}')\"")
+
+
+def host_memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from diffkiln.fileio import host_memory_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 # preset -> (submodel, dtype, traced shape, default check shape). bf16 graphs cannot run in ONNX Runtime on a CPU
 # (no bfloat16 kernels), so Open-Sora 2.0 has no default check. The traced shape is small (one forward pass runs).
@@ -177,7 +179,7 @@ def main() -> None:
         argv += ["--check-shape", ",".join(f"{k}={v}" for k, v in check.items())]
     result = {"preset": args.preset, "submodel": name, "dtype": dtype, "config_overrides": _dims(args.config) or {}, "date": time.strftime("%Y-%m-%d"),
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+                          "memory_gib": round(host_memory_bytes() / 2**30, 1)},
               "weights": f"SeededSource(seed={args.seed}): per layer, torch's default init (reset_parameters) under "
                          f"seed {args.seed} + crc32(layer path); norms without one: weight 1, bias 0; others N(0, 0.02)"}
     result["export"] = run_stage("export", argv)

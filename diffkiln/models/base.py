@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from diffkiln.errors import DiffkilnError
+from diffkiln.fileio import host_memory_bytes
 from diffkiln.models.loading import (
     GENERIC_CONFIG_KEYS,
     check_request,
@@ -549,16 +550,6 @@ def _config_value_error(where: str, config: dict) -> str | None:
         if bad:
             return f"{where}: {key}={v!r} is outside [0, {CONFIG_BOUNDS[kind]}]"
     return None
-
-
-def host_memory_bytes() -> int | None:
-    """This machine's physical memory (None where the OS does not say)."""
-    import os
-
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_size(model, submodels, dtype, where: str, allow_large: bool = False) -> bool:

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
+from diffkiln.fileio import host_memory_bytes
 from diffkiln.runtime.image import to_pil, to_unit_range
 from diffkiln.runtime.text import PromptTokenizer
 from diffkiln.schedulers import scheduler_from_config
@@ -90,15 +91,6 @@ def _texts(name: str, value, n: int | None = None) -> list[str]:
         except UnicodeEncodeError as e:
             raise DiffkilnError(f"{name} {i} is not valid text ({e.reason} at position {e.start})") from None
     return list(texts)
-
-
-def _physical_memory() -> int | None:
-    try:
-        import os
-
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 class EnginePipeline:
@@ -247,7 +239,7 @@ class EnginePipeline:
         total = len(prompts) * per_prompt
         # the decoded output alone: total x frames x H x W x 3 float32; refuse what cannot fit in memory
         need = total * (frames or 1) * height * width * 3 * 4
-        have = _physical_memory()
+        have = host_memory_bytes()
         if have and need > have // 4:
             raise DiffkilnError(f"{total} outputs of {frames or 1} x {height} x {width} px need {need / 2**30:.1f} GiB "
                                 f"for the decoded pixels alone; this machine has {have / 2**30:.1f} GiB: generate fewer "
