@@ -21,7 +21,7 @@ def _param_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool | None = None, weights=None) -> dict:
+def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool = True, weights=None) -> dict:
     """Trace `sub` at its first parity shape and write `path` (+ `path.data` when large).
 
     A module on the meta device, or one given `weights` (a source: `diffkiln.export.streamed`), or one whose weights
@@ -35,7 +35,7 @@ def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool | None
     import torch
 
     meta = any(p.is_meta for p in sub.module.parameters())
-    if weights is not None or meta or (_param_bytes(sub.module) > EXTERNAL_DATA_BYTES and fold is not True):
+    if weights is not None or meta or _param_bytes(sub.module) > EXTERNAL_DATA_BYTES:
         from diffkiln.export.streamed import export_streamed
 
         return export_streamed(sub, Path(path), weights, opset)
@@ -45,10 +45,6 @@ def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool | None
     dynamic_axes = {
         t.name: {axis: d for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs + spec.outputs
     }
-    large = _param_bytes(sub.module) > EXTERNAL_DATA_BYTES
-    # Folding duplicates weights in host memory (and ONNX Runtime / TensorRT fold at load anyway),
-    # so large models skip it: the fp32 Sana-1.6B export then fits a 24 GB machine.
-    fold = (not large) if fold is None else fold
     path = Path(path)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.export-") as tmp:
@@ -69,16 +65,11 @@ def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool | None
                 do_constant_folding=fold,
                 dynamo=False,
             )
-        if large:  # stream the exporter's per-tensor files into one data file, one tensor in memory at a time
-            model = onnx.load(str(raw), load_external_data=False)
-            nodes_exported = len(model.graph.node)
-            files = _save_streaming(model, raw.parent, path)
-        else:
-            model = onnx.load(str(raw))
-            nodes_exported = len(model.graph.node)
-            if fold:
-                model = _cleanup(model)
-            files = _save(model, path)
+        model = onnx.load(str(raw))
+        nodes_exported = len(model.graph.node)
+        if fold:
+            model = _cleanup(model)
+        files = _save(model, path)
         weight_map = _lora_weight_map(model, sub.module)
     return {
         "files": files,
@@ -86,7 +77,7 @@ def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool | None
         "nodes_exported": nodes_exported,
         "nodes": len(model.graph.node),
         "constant_folding": fold,
-        "external_data": large,
+        "external_data": False,
         "opset": opset,
         "bytes": sum((path.parent / f).stat().st_size for f in files),
         "lora_weights": weight_map,
@@ -136,59 +127,3 @@ def save_model(model, path: Path, external: bool) -> list[str]:
         os.replace(Path(tmp) / f"{path.name}.data", path.parent / f"{path.name}.data")
         os.replace(Path(tmp) / path.name, path)
     return [path.name, f"{path.name}.data"]
-
-
-def _all_tensors(graph):
-    """Initializers and Constant/attribute tensors (the exporter externalizes both), subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in [attr.g] if attr.HasField("g") else []:
-                yield from _all_tensors(sub)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
-
-
-def _save_streaming(model, src_dir: Path, path: Path) -> list[str]:
-    """Copy every initializer's bytes into `<name>.onnx.data` (64-byte aligned) and point the graph at it.
-
-    The data file is renamed into place before the graph that references it, so a crash leaves
-    either nothing or an orphan data file, never a graph with missing data.
-    """
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    data_name = f"{path.name}.data"
-    tmp_data, tmp = temp_file(path.parent / data_name), temp_file(path)
-    try:
-        with open(tmp_data, "wb") as out:
-            for tensor in _all_tensors(model.graph):
-                if uses_external_data(tensor):
-                    info = ExternalDataInfo(tensor)
-                    with open(src_dir / info.location, "rb") as f:
-                        f.seek(info.offset or 0)
-                        blob = f.read(info.length) if info.length else f.read()
-                elif len(tensor.raw_data) > 1024:
-                    blob = tensor.raw_data
-                else:
-                    continue
-                out.write(b"\0" * (-out.tell() % 64))
-                offset = out.tell()
-                out.write(blob)
-                tensor.ClearField("raw_data")
-                del tensor.external_data[:]
-                for key, value in (("location", data_name), ("offset", offset), ("length", len(blob))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, str(value)
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-        onnx.save_model(model, str(tmp))
-        os.replace(tmp_data, path.parent / data_name)
-        os.replace(tmp, path)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        tmp_data.unlink(missing_ok=True)
-        raise DiffkilnError(f"Could not write {path}: {type(e).__name__}: {e}") from e
-    return [path.name, data_name]
