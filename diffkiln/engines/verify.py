@@ -24,23 +24,19 @@ def parity_shapes(sub, spec, profile: dict | None) -> list[dict]:
     return shapes
 
 
-# weights ids of modules exported from the meta device (models.base.Adapter._build_meta): their values come from
-# a weight source, so the eager reference is built the same way and then given them
-STREAMED_IDS = ("seeded-stream:", "safetensors-headers:")
-
-
 def source_model(manifest: Manifest, names: list[str], dtype: str):
     """Reload the model an engine directory was built from (a preset, or the folder it names); refuse another.
     Submodels exported from the meta device (a streamed weights id) are rebuilt there and given their weights from
     the same source, when they fit in this machine's memory (else `check_size` refuses, naming the sizes)."""
-    from diffkiln.models.base import check_size
+    from diffkiln.models.base import STREAMED_IDS, check_size
     from diffkiln.models.loading import torch_dtype
-    from diffkiln.models.registry import adapter_for
+    from diffkiln.models.registry import load_model
 
     source = manifest.model["name"] if manifest.model["source"] == "preset" else manifest.model["source"]
     recorded = manifest.model.get("weights", {})
     streamed = any(str(recorded.get(n, "")).startswith(STREAMED_IDS) for n in names)
-    model = adapter_for(source).load_model(source, names, dtype=dtype, meta=True if streamed else None)
+    # a streamed export's eager reference is built the same way and then given its values from the same source
+    model = load_model(source, names, dtype=dtype, meta=True if streamed else None)
     if streamed:
         check_size(model, names, torch_dtype(dtype), f"{source} (the eager reference of a streamed export)")
         model.materialize(names)

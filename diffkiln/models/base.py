@@ -552,6 +552,11 @@ def _config_value_error(where: str, config: dict) -> str | None:
     return None
 
 
+# weights ids of modules built on the meta device (`Adapter._build_meta`): where their values come from
+SEEDED_STREAM, SAFETENSORS_STREAM = "seeded-stream:", "safetensors-headers:"
+STREAMED_IDS = (SEEDED_STREAM, SAFETENSORS_STREAM)
+
+
 def check_size(model, submodels, dtype, where: str, allow_large: bool = False) -> bool:
     """Before any module is built: config values within sane bounds, and the weights of the requested submodels
     (counted on the meta device: no memory) fit in this machine's memory (90 % of `host_memory_bytes`), unless
@@ -693,10 +698,10 @@ class Adapter:
                 module = cast(c.build(model.config(c.attr)), dtype)
             setattr(model, c.attr, module)
             if folder is None:
-                source, wid = SeededSource(module, seed + c.seed_offset), f"seeded-stream:{seed + c.seed_offset}"
+                source, wid = SeededSource(module, seed + c.seed_offset), f"{SEEDED_STREAM}{seed + c.seed_offset}"
             else:
                 check_safetensors(folder / c.attr)
-                source, wid = SafetensorsSource(folder / c.attr), f"safetensors-headers:{_headers_digest(folder / c.attr)}"
+                source, wid = SafetensorsSource(folder / c.attr), f"{SAFETENSORS_STREAM}{_headers_digest(folder / c.attr)}"
             for s in c.submodels:
                 model.weight_sources[s], model.weights_ids[s] = source, wid
 
