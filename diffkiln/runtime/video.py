@@ -195,6 +195,17 @@ def _rgb(image) -> np.ndarray:
     return image
 
 
+def cover_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """The size an h x w image is scaled to so that it covers height x width with its aspect ratio kept; refused
+    when that exceeds MAX_RESIZE_PIXELS (an aspect ratio too far from the request's)."""
+    rh, rw = height / h, width / w
+    sh, sw = (height, round(w * rh)) if rh > rw else (round(h * rw), width)
+    if sh * sw > MAX_RESIZE_PIXELS:
+        raise DiffkilnError(f"image: {w}x{h} px (width x height) would be scaled to {sw}x{sh} to cover the "
+                            f"{width}x{height} request; its aspect ratio is too far from the request's")
+    return sh, sw
+
+
 def reference_pixels(image, height: int, width: int) -> np.ndarray:
     """A first frame as Open-Sora reads it (opensora/datasets/utils.py read_image_from_path, transform
     "resize_crop": resize_crop_to_fill then ToTensor and Normalize(0.5, 0.5)): scaled (bicubic) to cover
@@ -203,11 +214,7 @@ def reference_pixels(image, height: int, width: int) -> np.ndarray:
     rgb = _rgb(image)
     h, w = rgb.shape[:2]
     if (h, w) != (height, width):
-        rh, rw = height / h, width / w
-        sh, sw = (height, round(w * rh)) if rh > rw else (round(h * rw), width)
-        if sh * sw > MAX_RESIZE_PIXELS:
-            raise DiffkilnError(f"image: {w}x{h} px (width x height) would be scaled to {sw}x{sh} to cover the "
-                                f"{width}x{height} request; its aspect ratio is too far from the request's")
+        sh, sw = cover_size(h, w, height, width)
         try:
             from PIL import Image
         except ImportError:

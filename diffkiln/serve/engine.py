@@ -154,10 +154,10 @@ class Engine:
         if self.video:  # the pipeline's own checks: a family without image-to-video, the scale; then the pixels
             image_guidance = pipe._image_request(f["image"], f["image_guidance"])
             if f["image"] is not None:
-                from diffkiln.runtime.video import reference_pixels
+                from diffkiln.runtime.video import cover_size
 
                 image, sha = read_image(f["image"])
-                reference_pixels(image, r.height, r.width)  # refuses what the call would (aspect ratio) before it
+                cover_size(*image.shape[:2], r.height, r.width)  # refuses what the call would (aspect ratio) before it
         return Job(self.kind, r.prompts[0], r.negatives[0], r.steps, r.guidance, r.height, r.width, seed, count,
                    frames, fps, image, sha, image_guidance)
 
