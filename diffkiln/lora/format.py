@@ -196,7 +196,7 @@ def read_lora(paths, component: str = COMPONENT) -> Lora:
     return Lora(modules, configs, [str(p) for p in paths])
 
 
-def pattern_value(patterns: dict, module: str):
+def _pattern_value(patterns: dict, module: str):
     """PEFT-style rank/alpha pattern lookup: a pattern names the module or a dotted suffix of it (regex)."""
     for pattern, value in (patterns or {}).items():
         if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
@@ -206,13 +206,17 @@ def pattern_value(patterns: dict, module: str):
 
 def module_factor(m: LoraModule, config: dict) -> float:
     """alpha / r (alpha / sqrt(r) with rsLoRA) of one module, alpha = r when nothing says otherwise."""
-    alpha = m.alpha
+    return lora_scale(config, m.name, m.rank, m.alpha)
+
+
+def lora_scale(config: dict, module: str, rank: int, alpha: float | None = None) -> float:
+    """alpha / rank (alpha / sqrt(rank) with rsLoRA); alpha: the module's own, else the PEFT config's alpha_pattern
+    for `module`, else its lora_alpha, else the rank."""
     if alpha is None:
-        alpha = pattern_value(config.get("alpha_pattern"), m.name)
+        alpha = _pattern_value(config.get("alpha_pattern"), module)
     if alpha is None:
-        alpha = config.get("lora_alpha", m.rank)
-    r = m.rank
-    return float(alpha) / (float(np.sqrt(r)) if config.get("use_rslora") else float(r))
+        alpha = config.get("lora_alpha", rank)
+    return float(alpha) / (float(np.sqrt(rank)) if config.get("use_rslora") else float(rank))
 
 
 def resolve_module(name: str, weights: dict) -> str | None:

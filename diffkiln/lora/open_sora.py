@@ -29,8 +29,9 @@ import numpy as np
 from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import atomic_write_bytes, read_json_file
 from diffkiln.lora.format import OPEN_SORA_KEY as _KEY
-from diffkiln.lora.format import pattern_value
+from diffkiln.lora.format import lora_scale
 from diffkiln.lora.safetensors_np import read_safetensors
+from diffkiln.models.convert_open_sora import qk_rows
 
 # original module -> diffusers module (per block index), for the pairs that only change names
 _DOUBLE = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear", "img_attn.v_proj": "attn.to_v",
@@ -45,19 +46,6 @@ _TOP = {"time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
         "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
         "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
         "txt_in": "context_embedder", "final_layer.linear": "proj_out"}
-
-
-def qk_rows(head_dim: int, heads: int) -> np.ndarray:
-    """Per head, the original row at each diffusers row: [0, D/2, 1, D/2 + 1, ...] (convert_open_sora.rope_permutation)."""
-    half = head_dim // 2
-    perm = np.stack([np.arange(half), np.arange(half) + half], -1).reshape(-1)
-    return (np.arange(heads)[:, None] * head_dim + perm[None, :]).reshape(-1)
-
-
-def _factor(config: dict, module: str, rank: int) -> float:
-    alpha = pattern_value(config.get("alpha_pattern"), module)
-    alpha = config.get("lora_alpha", rank) if alpha is None else alpha
-    return float(alpha) / (float(np.sqrt(rank)) if config.get("use_rslora") else float(rank))
 
 
 def convert_pairs(pairs: dict[str, tuple[np.ndarray, np.ndarray]], config: dict, head_dim: int,
@@ -78,7 +66,7 @@ def convert_pairs(pairs: dict[str, tuple[np.ndarray, np.ndarray]], config: dict,
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise DiffkilnError(f"LoRA module {mod!r}: lora_A {list(a.shape)}, lora_B {list(b.shape)}; expected [r, in] "
                                 f"and [out, r] of one rank")
-        b = b * np.float32(_factor(config, mod, a.shape[0]))
+        b = b * np.float32(lora_scale(config, mod, a.shape[0]))
         hidden = a.shape[1]
         perm = qk_rows(head_dim, hidden // head_dim) if hidden % head_dim == 0 else None
         parts = mod.split(".")

@@ -32,18 +32,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from diffkiln.errors import DiffkilnError
 from diffkiln.fileio import PICKLE_SUFFIXES, pickle_refusal
 
 ROPE_THETA = 10000
 
 
+def qk_rows(head_dim: int, heads: int) -> np.ndarray:
+    """Per head, the original q / k row at each diffusers row: [0, D/2, 1, D/2 + 1, ...] within each head (RoPE pairs
+    (d, d + D/2) -> (2j, 2j + 1)); the weights and a LoRA's B rows follow it (lora/open_sora.py)."""
+    half = head_dim // 2
+    perm = np.stack([np.arange(half), np.arange(half) + half], -1).reshape(-1)
+    return (np.arange(heads)[:, None] * head_dim + perm[None, :]).reshape(-1)
+
+
 def rope_permutation(head_dim: int):
-    """Index of the original head dimension at each diffusers position: [0, D/2, 1, D/2 + 1, ...]."""
+    """Index of the original head dimension at each diffusers position (one head of `qk_rows`), a torch tensor."""
     import torch
 
-    half = head_dim // 2
-    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).reshape(-1)
+    return torch.from_numpy(qk_rows(head_dim, 1))
 
 
 def default_axes(head_dim: int) -> tuple[int, int, int]:
@@ -101,8 +110,8 @@ def convert_transformer(state: dict, config: dict) -> dict:
 
     d, heads = config["attention_head_dim"], config["num_attention_heads"]
     hidden = d * heads
-    perm = rope_permutation(d)
-    rows = (torch.arange(heads)[:, None] * d + perm[None, :]).reshape(-1)  # per head, the projection rows' order
+    perm = rope_permutation(d)  # the q / k norm scales' order (one head)
+    rows = torch.from_numpy(qk_rows(d, heads))  # per head, the projection rows' order
     used: set[str] = set()
 
     def take(key):
