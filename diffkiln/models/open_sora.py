@@ -134,9 +134,12 @@ class OpenSoraV2Model(FamilyModel):
     @classmethod
     def folder_sizes(cls, configs):
         """A diffusers folder's preset fields besides its sizes: CLIP's length is its position table (77 for CLIP-L),
-        and Open-Sora's 256px inference settings (frames, T5 length, sampler, tiles) where diffkiln.json has none."""
+        and Open-Sora's 256px inference settings (the open-sora-v2 preset's frames, fps, T5 length, sampler, tiles)
+        where diffkiln.json has none."""
+        real = PRESETS["open-sora-v2"]
         return dict(super().folder_sizes(configs), clip_length=configs["text_encoder_2"].get("max_position_embeddings", 77),
-                    num_frames=129, fps=24, max_sequence_length=512, sampler=dict(SAMPLER), vae_tiles=dict(VAE_TILES))
+                    num_frames=real.num_frames, fps=real.fps, max_sequence_length=real.max_sequence_length,
+                    sampler=dict(real.sampler), vae_tiles=dict(real.vae_tiles))
 
     @classmethod
     def geometry(cls, configs):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _decoder_functions():
+def _vae_functions():
     import torch
     import torch.nn.functional as F
 
@@ -75,8 +75,7 @@ def _decoder_functions():
         x = vae.quant_conv(enc.conv_out(enc.conv_act(enc.conv_norm_out(x))))
         return x[:, : x.shape[1] // 2, 0] * vae.config.scaling_factor  # the mean of (mean, logvar)
 
-    decode.encode = encode
-    return decode
+    return decode, encode
 
 
 def _rms(m, x):
@@ -224,7 +223,7 @@ def open_sora_submodels(model, names=None) -> dict:
 
     if model.vae is not None and (want("vae_decoder") or want("vae_encoder")):
         C = model.vae_config["latent_channels"]
-        decode = _decoder_functions()
+        decode, encode = _vae_functions()
         tiles = p.vae_tiles
         tile_t = tiles["tile_sample_min_num_frames"] // model.temporal_compression + 1
         tile_hw = (lat[0], max(lat[1], tiles["tile_sample_min_height"] // f, tiles["tile_sample_min_width"] // f))
@@ -240,21 +239,22 @@ def open_sora_submodels(model, names=None) -> dict:
 
         tc_ = model.temporal_compression
         if want("vae_encoder"):
-            out["vae_encoder"] = _encoder_submodel(model, decode.encode, lat)
-        if not want("vae_decoder"):
-            return out
-        out["vae_decoder"] = Submodel(
-            SubmodelSpec("vae_decoder",
-                         inputs=[TensorSpec("latents", "float32", ("batch", C, "latent_frames", "latent_height", "latent_width"))],
-                         outputs=[TensorSpec("video", "float32", ("batch", 3, "frames", "height", "width"))],
-                         dims={"batch": (1, p.max_batch), "latent_frames": (1, tile_t), "latent_height": tile_hw,
-                               "latent_width": tile_hw, "frames": (1, (tile_t - 1) * tc_ + 1),
-                               "height": (tile_hw[0] * f, tile_hw[1] * f), "width": (tile_hw[0] * f, tile_hw[1] * f)}),
-            VaeTile(model.vae), sample_vae,
-            [{"batch": 1, "latent_frames": min(3, tile_t), "latent_height": lat[0], "latent_width": lat[0]},
-             {"batch": min(2, p.max_batch), "latent_frames": 1, "latent_height": lat[0], "latent_width": tile_hw[1]}])
+            out["vae_encoder"] = _encoder_submodel(model, encode, lat)
+        if want("vae_decoder"):
+            out["vae_decoder"] = Submodel(
+                SubmodelSpec("vae_decoder",
+                             inputs=[TensorSpec("latents", "float32",
+                                                ("batch", C, "latent_frames", "latent_height", "latent_width"))],
+                             outputs=[TensorSpec("video", "float32", ("batch", 3, "frames", "height", "width"))],
+                             dims={"batch": (1, p.max_batch), "latent_frames": (1, tile_t), "latent_height": tile_hw,
+                                   "latent_width": tile_hw, "frames": (1, (tile_t - 1) * tc_ + 1),
+                                   "height": (tile_hw[0] * f, tile_hw[1] * f),
+                                   "width": (tile_hw[0] * f, tile_hw[1] * f)}),
+                VaeTile(model.vae), sample_vae,
+                [{"batch": 1, "latent_frames": min(3, tile_t), "latent_height": lat[0], "latent_width": lat[0]},
+                 {"batch": min(2, p.max_batch), "latent_frames": 1, "latent_height": lat[0],
+                  "latent_width": tile_hw[1]}])
     return out
-
 
 
 def _encoder_submodel(model, encode, lat):
