@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.export.tracing import rank_explicit_movedim
+from diffkiln.export.tracing import OPSET, trace_to_onnx
 from diffkiln.fileio import temp_file
 from diffkiln.models.submodels import Submodel
 
-OPSET = 17
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to `<name>.onnx.data` (protobuf caps files at 2 GiB)
 
 
@@ -32,39 +30,17 @@ def export_onnx(sub: Submodel, path: Path, opset: int = OPSET, fold: bool = True
     Returns facts for the manifest: files written, export seconds, node counts, external data.
     """
     import onnx
-    import torch
 
     meta = any(p.is_meta for p in sub.module.parameters())
     if weights is not None or meta or _param_bytes(sub.module) > EXTERNAL_DATA_BYTES:
         from diffkiln.export.streamed import export_streamed
 
         return export_streamed(sub, Path(path), weights, opset)
-    spec = sub.spec
-    feeds = sub.sample(sub.shapes[0], 0)
-    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)  # float32 I/O; the wrapper casts
-    dynamic_axes = {
-        t.name: {axis: d for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs + spec.outputs
-    }
     path = Path(path)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.export-") as tmp:
-        raw = Path(tmp) / f"{spec.name}.onnx"
-        with torch.inference_mode(), rank_explicit_movedim(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            # The TorchScript exporter's notes on Slice folding and deprecated paths are not actionable here.
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-            torch.onnx.export(
-                sub.module,
-                args,
-                str(raw),
-                input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs],
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-                do_constant_folding=fold,
-                dynamo=False,
-            )
+        raw = Path(tmp) / f"{sub.spec.name}.onnx"
+        trace_to_onnx(sub, raw, opset, do_constant_folding=fold)
         model = onnx.load(str(raw))
         nodes_exported = len(model.graph.node)
         if fold:

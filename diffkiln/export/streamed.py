@@ -18,16 +18,15 @@ import contextlib
 import os
 import tempfile
 import time
-import warnings
 import zlib
 from collections import Counter
 from pathlib import Path
 
 from diffkiln.errors import DiffkilnError
+from diffkiln.export.tracing import OPSET, trace_to_onnx
 from diffkiln.fileio import temp_file
 from diffkiln.models.submodels import Submodel
 
-OPSET = 17
 ALIGN = 4096  # page-aligned offsets: ONNX Runtime may map external data instead of copying it
 TRANSPOSED = ".transposed"  # suffix of an initializer stored as its parameter's transpose
 
@@ -181,24 +180,9 @@ def trace_graph(sub: Submodel, path: Path, opset: int = OPSET, dims: dict | None
     `dims`: another traced shape (a smaller one costs less; keep dynamic dims above 1, or the exporter may
     specialize them). `keep_initializers_as_inputs` also skips the exporter's initializer deduplication (it compares values)."""
     import onnx
-    import torch
 
-    from diffkiln.export.tracing import rank_explicit_movedim
-
-    spec = sub.spec
-    feeds = sub.sample(dims or sub.shapes[0], 0)
-    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
-    dynamic_axes = {
-        t.name: {axis: d for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs + spec.outputs
-    }
-    with torch.inference_mode(), rank_explicit_movedim(), stand_ins(sub.module), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-        torch.onnx.export(sub.module, args, str(path), input_names=[t.name for t in spec.inputs],
-                          output_names=[t.name for t in spec.outputs], dynamic_axes=dynamic_axes,
-                          opset_version=opset, do_constant_folding=False, export_params=False,
-                          keep_initializers_as_inputs=True, dynamo=False)
+    trace_to_onnx(sub, path, opset, dims, stand_ins(sub.module), do_constant_folding=False, export_params=False,
+                  keep_initializers_as_inputs=True)
     return onnx.load(str(path), load_external_data=False)
 
 

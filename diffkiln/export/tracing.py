@@ -4,6 +4,9 @@ exporter)."""
 from __future__ import annotations
 
 import contextlib
+import warnings
+
+OPSET = 17
 
 
 @contextlib.contextmanager
@@ -32,3 +35,26 @@ def rank_explicit_movedim():
         yield
     finally:
         torch.Tensor.movedim = original
+
+
+def trace_to_onnx(sub, path, opset: int = OPSET, dims: dict | None = None, context=None, **flags) -> None:
+    """Trace submodel `sub` with the TorchScript exporter into `path` at `dims` (default: its first parity shape):
+    float32 inputs and outputs named as its spec names them, its symbolic dims dynamic, inside `context` (e.g. the
+    streamed exporter's stand-ins); `flags` go to `torch.onnx.export` (do_constant_folding, export_params, ...)."""
+    import torch
+
+    spec = sub.spec
+    feeds = sub.sample(dims or sub.shapes[0], 0)
+    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)  # float32 I/O; the wrapper casts
+    dynamic_axes = {
+        t.name: {axis: d for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs + spec.outputs
+    }
+    with torch.inference_mode(), rank_explicit_movedim(), context or contextlib.nullcontext(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # The TorchScript exporter's notes on Slice folding and deprecated paths are not actionable here.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        torch.onnx.export(sub.module, args, str(path), input_names=[t.name for t in spec.inputs],
+                          output_names=[t.name for t in spec.outputs], dynamic_axes=dynamic_axes,
+                          opset_version=opset, dynamo=False, **flags)
